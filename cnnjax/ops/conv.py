@@ -1,0 +1,267 @@
+"""2-D convolution with stride, zero padding and dilation, and a hand-written derivative.
+
+Notation (one spatial dimension shown; the other is the same). Input ``x`` of
+length ``W`` padded to ``xp`` with ``P_lo`` / ``P_hi`` zeros, filter ``w`` of size
+``F``, stride ``S``, dilation ``D``::
+
+    y[i, k] = sum_{a, c} xp[i*S + a*D, c] * w[a, c, k],   i = 0 .. (W + P_lo + P_hi - D(F-1) - 1) // S
+
+The derivative (the lecture: "backpropagation is a convolution with spatially
+flipped filters"), with ``g = dL/dy``:
+
+* ``dL/dx``: insert ``S - 1`` zeros between the entries of ``g`` (the
+  stride-dilated ``g``), pad it by ``D(F-1) - P_lo`` in front, and correlate it
+  with the spatially flipped, in/out-swapped filter ``w[F-1-a, k, c]`` at
+  dilation ``D``; this is a forward convolution (``lhs_dilation = S``), so it
+  runs at forward speed.
+* ``dL/dw[a, c, k] = sum_{n, i} xp[n, i*S + a*D, c] * g[n, i, k]``: the
+  correlation of the input with ``g``. It is computed as one matrix product per
+  filter offset ``(a, b)`` between the strided slice of ``xp`` that offset sees
+  and ``g``, contracting batch and output positions. XLA:CPU's own derived
+  weight gradient runs single-threaded and several times slower.
+* ``dL/db[k] = sum_{n, i, j} g[n, i, j, k]``.
+
+Dilated convolutions can run natively (XLA's ``rhs_dilation``) or by the
+"atrous" space-to-batch trick: split the padded input into ``D_h * D_w``
+interleaved sub-images, run an undilated convolution over all of them as one
+batch, and interleave the results back. Which one is faster depends on the
+backend; ``dilation_impl="auto"`` picks the measured winner (see
+``DILATION_IMPL_BY_BACKEND`` and experiments/benchmarks/).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cnnjax.ops._checks import check_nhwc, compute_dtype
+from cnnjax.shapes import (
+    Padding2D,
+    ShapeError,
+    conv_output_size,
+    normalize_padding,
+    to_pair,
+)
+
+__all__ = ["conv2d", "DILATION_IMPL_BY_BACKEND", "WEIGHT_GRAD_IMPL_BY_BACKEND"]
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+# Measured on a 2-core x86 CPU (experiments/benchmarks/conv_kernels.py): the
+# native dilated convolution costs the same at dilation 1, 2 and 4, while the
+# space-to-batch form was 2-4x slower. Accelerators keep the native path until
+# measured otherwise.
+DILATION_IMPL_BY_BACKEND = {"cpu": "native", "gpu": "native", "tpu": "native"}
+# The weight gradient: "offsets" (one matrix product per filter offset) or
+# "xla" (XLA's derived convolution for dW).
+WEIGHT_GRAD_IMPL_BY_BACKEND = {"cpu": "offsets", "gpu": "xla", "tpu": "xla"}
+
+_IMPLS = ("auto", "native", "space_to_batch")
+_WGRAD_IMPLS = ("auto", "offsets", "xla")
+
+
+def _pick(table: dict, impl: str) -> str:
+    if impl != "auto":
+        return impl
+    return table.get(jax.default_backend(), "native" if table is DILATION_IMPL_BY_BACKEND else "xla")
+
+
+def _native_conv(x, w, stride, pads, dilation, lhs_dilation=(1, 1)):
+    return lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=stride,
+        padding=pads,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=dilation,
+        dimension_numbers=_DN,
+    )
+
+
+def _space_to_batch_conv(x, w, pads, dilation):
+    """Stride-1 dilated convolution as an undilated one over D_h*D_w sub-images."""
+    dh, dw = dilation
+    # Negative padding (from the input-gradient formula) crops; lax.pad does both.
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    n, hp, wp, c = xp.shape
+    fh, fw = w.shape[:2]
+    ho, wo = hp - dh * (fh - 1), wp - dw * (fw - 1)
+    hq, wq = -(-hp // dh), -(-wp // dw)
+    xp = jnp.pad(xp, ((0, 0), (0, hq * dh - hp), (0, wq * dw - wp), (0, 0)))
+    xb = xp.reshape(n, hq, dh, wq, dw, c).transpose(2, 4, 0, 1, 3, 5).reshape(dh * dw * n, hq, wq, c)
+    yb = lax.conv_general_dilated(xb, w, (1, 1), "VALID", dimension_numbers=_DN)
+    hb, wb, k = yb.shape[1], yb.shape[2], yb.shape[3]
+    y = yb.reshape(dh, dw, n, hb, wb, k).transpose(2, 3, 0, 4, 1, 5).reshape(n, hb * dh, wb * dw, k)
+    return y[:, :ho, :wo, :]
+
+
+def _forward(x, w, stride, pads, dilation, impl):
+    if impl == "space_to_batch" and stride == (1, 1) and dilation != (1, 1):
+        return _space_to_batch_conv(x, w, pads, dilation)
+    return _native_conv(x, w, stride, pads, dilation)
+
+
+def _input_grad(g, w, x_hw, stride, pads, dilation, impl):
+    """dL/dx: forward convolution of the stride-dilated g with the flipped filter."""
+    fh, fw = w.shape[:2]
+    w_flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)  # (F_h, F_w, K, C)
+    grad_pads = []
+    for n, f, s, d, (lo, _), out in zip(x_hw, (fh, fw), stride, dilation, pads, g.shape[1:3]):
+        f_eff = d * (f - 1) + 1
+        before = f_eff - 1 - lo
+        after = n + f_eff - 1 - before - ((out - 1) * s + 1)
+        grad_pads.append((before, after))
+    grad_pads = tuple(grad_pads)
+    if stride == (1, 1) and impl == "space_to_batch" and dilation != (1, 1):
+        return _space_to_batch_conv(g, w_flipped, grad_pads, dilation)
+    return _native_conv(g, w_flipped, (1, 1), grad_pads, dilation, lhs_dilation=stride)
+
+
+def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
+    """dL/dw[a, b, c, k] = sum_{n,i,j} xp[n, i*S_h + a*D_h, j*S_w + b*D_w, c] g[n, i, j, k]."""
+    fh, fw, _, _ = w_shape
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    if impl == "xla":
+        # XLA's formulation: a convolution with batch and feature axes exchanged.
+        xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+        dw = lax.conv_general_dilated(
+            xp,
+            g,
+            window_strides=dilation,
+            padding="VALID",
+            rhs_dilation=stride,
+            dimension_numbers=("CHWN", "IHWO", "HWNC"),
+            preferred_element_type=acc,
+        )
+        # Trailing input rows the forward pass never read can add extra offsets.
+        return dw[:fh, :fw]
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    ho, wo = g.shape[1], g.shape[2]
+    rows = []
+    for a in range(fh):
+        cols = []
+        for b in range(fw):
+            r0, c0 = a * dilation[0], b * dilation[1]
+            window = lax.slice(
+                xp,
+                (0, r0, c0, 0),
+                (xp.shape[0], r0 + (ho - 1) * stride[0] + 1, c0 + (wo - 1) * stride[1] + 1, xp.shape[3]),
+                (1, stride[0], stride[1], 1),
+            )
+            cols.append(
+                lax.dot_general(
+                    window, g, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=acc
+                )
+            )
+        rows.append(jnp.stack(cols))
+    return jnp.stack(rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv(x, w, stride, pads, dilation, impl, wgrad_impl):
+    return _forward(x, w, stride, pads, dilation, impl)
+
+
+def _conv_fwd(x, w, stride, pads, dilation, impl, wgrad_impl):
+    return _forward(x, w, stride, pads, dilation, impl), (x, w)
+
+
+def _conv_bwd(stride, pads, dilation, impl, wgrad_impl, residuals, g):
+    x, w = residuals
+    dx = _input_grad(g, w, x.shape[1:3], stride, pads, dilation, impl)
+    dw = _weight_grad(x, g, w.shape, stride, pads, dilation, wgrad_impl)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: Padding2D = 0,
+    dilation: int | Sequence[int] = 1,
+    dilation_impl: str = "auto",
+    weight_grad_impl: str = "auto",
+) -> jax.Array:
+    """2-D convolution (cross-correlation, as every deep-learning library computes it).
+
+    Args:
+      x: input, NHWC ``(N, H, W, C_in)``.
+      kernel: filters, HWIO ``(F_h, F_w, C_in, K)``; K filters give K output channels.
+      bias: optional ``(K,)``.
+      stride: S, an int or ``(S_h, S_w)``.
+      padding: zeros added around the input: an int P, ``(P_h, P_w)``,
+        ``((top, bottom), (left, right))``, "SAME" (output ``ceil(W / S)``) or
+        "VALID" (= 0).
+      dilation: D, an int or ``(D_h, D_w)``; the filter spans ``D (F - 1) + 1`` cells.
+      dilation_impl: "auto", "native" or "space_to_batch" (the atrous trick; only
+        used for stride 1 and dilation > 1).
+      weight_grad_impl: "auto", "offsets" or "xla": how dL/dkernel is formed.
+
+    Returns:
+      ``(N, H_out, W_out, K)`` with ``H_out = floor((H + P_top + P_bottom - F_eff) / S) + 1``
+      (use :func:`cnnjax.shapes.conv_output_size` to insist on an exact division).
+      The result dtype is the common floating dtype of ``x`` and ``kernel``.
+
+    The derivative is the hand-written VJP described in this module's docstring.
+
+    Raises:
+      ValueError: wrong ranks, channel mismatch, bias of the wrong shape, a
+        stride or dilation < 1, negative padding, an unknown impl.
+      ShapeError: the dilated filter is larger than the padded input.
+    """
+    check_nhwc(x, "x", "conv2d")
+    if getattr(kernel, "ndim", None) != 4:
+        raise ValueError(
+            f"conv2d: kernel must be 4-D HWIO (F_h, F_w, C_in, K), got shape "
+            f"{getattr(kernel, 'shape', None)}."
+        )
+    if x.shape[3] != kernel.shape[2]:
+        raise ValueError(
+            f"conv2d: x has {x.shape[3]} channels but the kernel expects C_in = "
+            f"{kernel.shape[2]} (kernel shape {tuple(kernel.shape)} is HWIO); make the "
+            "kernel's third axis equal to the input's channel count."
+        )
+    if dilation_impl not in _IMPLS:
+        raise ValueError(f"conv2d: dilation_impl must be one of {_IMPLS}, got {dilation_impl!r}.")
+    if weight_grad_impl not in _WGRAD_IMPLS:
+        raise ValueError(
+            f"conv2d: weight_grad_impl must be one of {_WGRAD_IMPLS}, got {weight_grad_impl!r}."
+        )
+    s = to_pair(stride, "stride")
+    d = to_pair(dilation, "dilation")
+    fhw = tuple(kernel.shape[:2])
+    if min(fhw) < 1:
+        raise ValueError(f"conv2d: kernel spatial size must be >= 1, got {fhw}.")
+    pads = normalize_padding(padding, x.shape[1:3], fhw, s, d)
+    for dim, n, f, st, p, dl in zip(("height", "width"), x.shape[1:3], fhw, s, pads, d):
+        try:
+            conv_output_size(n, f, st, p, dl, exact=False, name=f"conv2d ({dim})")
+        except ShapeError:
+            raise
+    dtype = compute_dtype(x, kernel)
+    y = _conv(
+        x.astype(dtype),
+        kernel.astype(dtype),
+        s,
+        pads,
+        d,
+        _pick(DILATION_IMPL_BY_BACKEND, dilation_impl),
+        _pick(WEIGHT_GRAD_IMPL_BY_BACKEND, weight_grad_impl),
+    )
+    if bias is not None:
+        if getattr(bias, "shape", None) != (kernel.shape[3],):
+            raise ValueError(
+                f"conv2d: bias must have shape ({kernel.shape[3]},) (one per filter), got "
+                f"{getattr(bias, 'shape', None)}."
+            )
+        y = y + bias.astype(dtype)
+    return y

@@ -1,0 +1,122 @@
+"""Max, average and L2-norm pooling over NHWC windows, and global pooling.
+
+Every pool takes ``(x, window, stride=None, padding=0)``: ``window`` is F (an
+int or ``(F_h, F_w)``), ``stride`` S defaults to F (non-overlapping; the
+lecture's overlapping pooling is ``window=3, stride=2``), ``padding`` is any
+form :func:`cnnjax.shapes.normalize_padding` accepts. The output size is
+``floor((W - F + P_lo + P_hi) / S) + 1`` per dimension; pooling introduces no
+parameters.
+
+Padded cells: ``max_pool`` pads with -inf (a padded cell never wins);
+``avg_pool`` counts padded zeros in the divisor by default
+(``count_include_pad=True``, as PyTorch's ``AvgPool2d`` and Flax's
+``avg_pool``); pass ``count_include_pad=False`` to divide by the number of real
+cells, as Keras' ``AveragePooling2D(padding="same")`` does. ``l2_pool`` pads
+with zeros, which add nothing to the sum of squares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cnnjax.ops._checks import check_nhwc
+from cnnjax.shapes import Padding2D, conv_output_size, normalize_padding, to_pair
+
+__all__ = ["max_pool", "avg_pool", "l2_pool", "global_avg_pool", "global_max_pool"]
+
+
+def _window_args(x, window, stride, padding, op):
+    check_nhwc(x, "x", op)
+    f = to_pair(window, f"{op}: window")
+    s = f if stride is None else to_pair(stride, f"{op}: stride")
+    pads = normalize_padding(padding, x.shape[1:3], f, s)
+    for dim, n, fi, si, p in zip(("height", "width"), x.shape[1:3], f, s, pads):
+        conv_output_size(n, fi, si, p, 1, exact=False, name=f"{op} ({dim})")
+    return (1, *f, 1), (1, *s, 1), ((0, 0), *pads, (0, 0))
+
+
+def _as_float(x):
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def max_pool(
+    x: jax.Array,
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: Padding2D = 0,
+) -> jax.Array:
+    """Maximum over each F_h x F_w window of every channel (padding never wins)."""
+    x = _as_float(x)
+    dims, strides, pads = _window_args(x, window, stride, padding, "max_pool")
+    return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, dims, strides, pads)
+
+
+def avg_pool(
+    x: jax.Array,
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: Padding2D = 0,
+    *,
+    count_include_pad: bool = True,
+) -> jax.Array:
+    """Mean over each window; padded zeros count in the divisor unless count_include_pad=False."""
+    x = _as_float(x)
+    dims, strides, pads = _window_args(x, window, stride, padding, "avg_pool")
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    total = lax.reduce_window(x.astype(acc), jnp.zeros((), acc), lax.add, dims, strides, pads)
+    if count_include_pad or all(p == (0, 0) for p in pads):
+        return (total / (dims[1] * dims[2])).astype(x.dtype)
+    ones = jnp.ones((1, *x.shape[1:3], 1), acc)
+    count = lax.reduce_window(ones, jnp.zeros((), acc), lax.add, dims, strides, pads)
+    return (total / count).astype(x.dtype)
+
+
+@jax.custom_jvp
+def _safe_sqrt(v):
+    return jnp.sqrt(v)
+
+
+@_safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals, tangents):
+    (v,), (t,) = primals, tangents
+    y = jnp.sqrt(v)
+    positive = y > 0
+    # d sqrt(v) = dv / (2 sqrt(v)); at v = 0 (an all-zero window) use 0, not inf.
+    return y, jnp.where(positive, t / (2 * jnp.where(positive, y, 1)), 0)
+
+
+def l2_pool(
+    x: jax.Array,
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: Padding2D = 0,
+) -> jax.Array:
+    """sqrt of the SUM of squares over each window (torch.nn.LPPool2d(2, ...) semantics).
+
+    The gradient of an all-zero window is defined as 0 (instead of NaN).
+    """
+    x = _as_float(x)
+    dims, strides, pads = _window_args(x, window, stride, padding, "l2_pool")
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    xa = x.astype(acc)
+    total = lax.reduce_window(xa * xa, jnp.zeros((), acc), lax.add, dims, strides, pads)
+    return _safe_sqrt(total).astype(x.dtype)
+
+
+def global_avg_pool(x: jax.Array, keepdims: bool = False) -> jax.Array:
+    """Mean over height and width: (N, H, W, C) -> (N, C) (or (N, 1, 1, C))."""
+    check_nhwc(x, "x", "global_avg_pool")
+    x = _as_float(x)
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    return jnp.mean(x.astype(acc), axis=(1, 2), keepdims=keepdims).astype(x.dtype)
+
+
+def global_max_pool(x: jax.Array, keepdims: bool = False) -> jax.Array:
+    """Maximum over height and width: (N, H, W, C) -> (N, C) (or (N, 1, 1, C))."""
+    check_nhwc(x, "x", "global_max_pool")
+    return jnp.max(_as_float(x), axis=(1, 2), keepdims=keepdims)
