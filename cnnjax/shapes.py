@@ -181,7 +181,10 @@ def conv_output_size(
             f"use a larger input, more padding or a smaller filter."
         )
     out = numerator / stride + 1
-    if numerator % stride:
+    # "SAME" is defined by its output, ceil(W / S), which the floor below always gives;
+    # its clipped padding may leave the division inexact (e.g. a 1x1 stride-2 conv).
+    same = isinstance(padding, str) and padding.upper() == "SAME"
+    if numerator % stride and not same:
         if exact:
             raise ShapeError(
                 f"{name}: ({size} - {f_text} + {pad_text}) / {stride} + 1 = {_fmt_num(out)} "
@@ -221,6 +224,8 @@ def conv_output_hw(
     d = to_pair(dilation, "dilation")
     k = to_pair(tuple(kernel_hw), "kernel size")
     pads = normalize_padding(padding, input_hw, k, s, d)
+    if isinstance(padding, str):
+        pads = (padding, padding)  # keep "SAME" visible: its division need not be exact
     return tuple(  # type: ignore[return-value]
         conv_output_size(n, f, st, p, dl, exact=exact, name=name)
         for n, f, st, p, dl in zip(input_hw, k, s, pads, d, strict=False)

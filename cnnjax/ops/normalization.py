@@ -29,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = ["local_response_norm"]
@@ -38,7 +39,9 @@ def _channel_window_sum(v, before: int, after: int):
     """out[..., c] = sum of v[..., j] for j in [c - before, c + after], clipped."""
     window = (1,) * (v.ndim - 1) + (before + after + 1,)
     pads = ((0, 0),) * (v.ndim - 1) + ((before, after),)
-    return lax.reduce_window(v, jnp.zeros((), v.dtype), lax.add, window, (1,) * v.ndim, pads)
+    # A numpy (concrete) init value keeps this the differentiable reduce_window_sum
+    # under jit; a jnp zero would be a tracer and give a generic, non-differentiable one.
+    return lax.reduce_window(v, np.zeros((), v.dtype), lax.add, window, (1,) * v.ndim, pads)
 
 
 def _accumulation_dtype(dtype):

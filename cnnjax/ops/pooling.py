@@ -21,12 +21,18 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cnnjax.ops._checks import check_nhwc
 from cnnjax.shapes import Padding2D, conv_output_size, normalize_padding, to_pair
 
 __all__ = ["max_pool", "avg_pool", "l2_pool", "global_avg_pool", "global_max_pool"]
+
+
+# The reduce_window init values are numpy constants on purpose: lax.reduce_window
+# only uses its differentiable max/sum primitives when the init value is concrete,
+# and a jnp constant is a tracer under jit (grad of a jitted pool then fails).
 
 
 def _window_args(x, window, stride, padding, op):
@@ -53,7 +59,7 @@ def max_pool(
     """Maximum over each F_h x F_w window of every channel (padding never wins)."""
     x = _as_float(x)
     dims, strides, pads = _window_args(x, window, stride, padding, "max_pool")
-    return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, dims, strides, pads)
+    return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides, pads)
 
 
 def avg_pool(
@@ -68,11 +74,11 @@ def avg_pool(
     x = _as_float(x)
     dims, strides, pads = _window_args(x, window, stride, padding, "avg_pool")
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
-    total = lax.reduce_window(x.astype(acc), jnp.zeros((), acc), lax.add, dims, strides, pads)
+    total = lax.reduce_window(x.astype(acc), np.zeros((), acc), lax.add, dims, strides, pads)
     if count_include_pad or all(p == (0, 0) for p in pads):
         return (total / (dims[1] * dims[2])).astype(x.dtype)
     ones = jnp.ones((1, *x.shape[1:3], 1), acc)
-    count = lax.reduce_window(ones, jnp.zeros((), acc), lax.add, dims, strides, pads)
+    count = lax.reduce_window(ones, np.zeros((), acc), lax.add, dims, strides, pads)
     return (total / count).astype(x.dtype)
 
 
@@ -104,7 +110,7 @@ def l2_pool(
     dims, strides, pads = _window_args(x, window, stride, padding, "l2_pool")
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
     xa = x.astype(acc)
-    total = lax.reduce_window(xa * xa, jnp.zeros((), acc), lax.add, dims, strides, pads)
+    total = lax.reduce_window(xa * xa, np.zeros((), acc), lax.add, dims, strides, pads)
     return _safe_sqrt(total).astype(x.dtype)
 
 
