@@ -4,7 +4,8 @@ Notation (one spatial dimension shown; the other is the same). Input ``x`` of
 length ``W`` padded to ``xp`` with ``P_lo`` / ``P_hi`` zeros, filter ``w`` of size
 ``F``, stride ``S``, dilation ``D``::
 
-    y[i, k] = sum_{a, c} xp[i*S + a*D, c] * w[a, c, k],   i = 0 .. (W + P_lo + P_hi - D(F-1) - 1) // S
+    y[i, k] = sum_{a, c} xp[i*S + a*D, c] * w[a, c, k],
+    i = 0 .. (W + P_lo + P_hi - D(F-1) - 1) // S
 
 The derivative (the lecture: "backpropagation is a convolution with spatially
 flipped filters"), with ``g = dL/dy``:
@@ -15,10 +16,19 @@ flipped filters"), with ``g = dL/dy``:
   dilation ``D``; this is a forward convolution (``lhs_dilation = S``), so it
   runs at forward speed.
 * ``dL/dw[a, c, k] = sum_{n, i} xp[n, i*S + a*D, c] * g[n, i, k]``: the
-  correlation of the input with ``g``. It is computed as one matrix product per
-  filter offset ``(a, b)`` between the strided slice of ``xp`` that offset sees
-  and ``g``, contracting batch and output positions. XLA:CPU's own derived
-  weight gradient runs single-threaded and several times slower.
+  correlation of the input with ``g``. Flatten the output pixels ``(n, i)`` to
+  rows: with the patch matrix ``X[(n, i), (a, c)] = xp[n, i*S + a*D, c]``
+  (im2col) this is the single matrix product ``dL/dw = X^T g`` of shapes
+  ``(F C_in, N W_out) x (N W_out, K)``. ``weight_grad_impl`` picks how it is
+  computed: ``"im2col"`` forms ``X`` one cache-sized block of rows at a time and
+  sums ``X_block^T g_block`` over the blocks; ``"offsets"`` computes one
+  product per filter offset ``a`` between the strided slice of ``xp`` that
+  offset sees and ``g``; ``"xla"`` is the correlation as one convolution of
+  ``xp`` with ``g`` (batch and feature axes exchanged); ``"per_image"`` (the
+  default on CPU) uses that the sum over ``n`` splits: it sums, over chunks of
+  the batch small enough to stay in cache (usually one image), XLA's own
+  derived weight gradient of the chunk, which XLA:CPU computes several times
+  faster per image on a small chunk than on a large batch.
 * ``dL/db[k] = sum_{n, i, j} g[n, i, j, k]``.
 
 Dilated convolutions can run natively (XLA's ``rhs_dilation``) or by the
@@ -56,18 +66,25 @@ _DN = ("NHWC", "HWIO", "NHWC")
 # space-to-batch form was 2-4x slower. Accelerators keep the native path until
 # measured otherwise.
 DILATION_IMPL_BY_BACKEND = {"cpu": "native", "gpu": "native", "tpu": "native"}
-# The weight gradient: "offsets" (one matrix product per filter offset) or
-# "xla" (XLA's derived convolution for dW).
-WEIGHT_GRAD_IMPL_BY_BACKEND = {"cpu": "offsets", "gpu": "xla", "tpu": "xla"}
+# The weight gradient: "per_image" (XLA's derived weight-gradient convolution per
+# cache-sized chunk of the batch, summed), "im2col" (patches^T g, one matrix
+# product per cache-sized block of patch rows), "offsets" (one matrix product per
+# filter offset) or "xla" (the correlation of xp with g as one convolution with
+# batch and feature axes exchanged). On the 2-core CPU "per_image" measured
+# fastest for 3x3 64->64 at dilation 1, 2, 4 and for AlexNet's 11x11 stride-4
+# conv1 (experiments/benchmarks/NOTES.md).
+WEIGHT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "xla"}
 
 _IMPLS = ("auto", "native", "space_to_batch")
-_WGRAD_IMPLS = ("auto", "offsets", "xla")
+_WGRAD_IMPLS = ("auto", "per_image", "im2col", "offsets", "xla")
 
 
 def _pick(table: dict, impl: str) -> str:
     if impl != "auto":
         return impl
-    return table.get(jax.default_backend(), "native" if table is DILATION_IMPL_BY_BACKEND else "xla")
+    return table.get(
+        jax.default_backend(), "native" if table is DILATION_IMPL_BY_BACKEND else "xla"
+    )
 
 
 def _native_conv(x, w, stride, pads, dilation, lhs_dilation=(1, 1)):
@@ -92,7 +109,9 @@ def _space_to_batch_conv(x, w, pads, dilation):
     ho, wo = hp - dh * (fh - 1), wp - dw * (fw - 1)
     hq, wq = -(-hp // dh), -(-wp // dw)
     xp = jnp.pad(xp, ((0, 0), (0, hq * dh - hp), (0, wq * dw - wp), (0, 0)))
-    xb = xp.reshape(n, hq, dh, wq, dw, c).transpose(2, 4, 0, 1, 3, 5).reshape(dh * dw * n, hq, wq, c)
+    xb = (
+        xp.reshape(n, hq, dh, wq, dw, c).transpose(2, 4, 0, 1, 3, 5).reshape(dh * dw * n, hq, wq, c)
+    )
     yb = lax.conv_general_dilated(xb, w, (1, 1), "VALID", dimension_numbers=_DN)
     hb, wb, k = yb.shape[1], yb.shape[2], yb.shape[3]
     y = yb.reshape(dh, dw, n, hb, wb, k).transpose(2, 3, 0, 4, 1, 5).reshape(n, hb * dh, wb * dw, k)
@@ -110,7 +129,9 @@ def _input_grad(g, w, x_hw, stride, pads, dilation, impl):
     fh, fw = w.shape[:2]
     w_flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)  # (F_h, F_w, K, C)
     grad_pads = []
-    for n, f, s, d, (lo, _), out in zip(x_hw, (fh, fw), stride, dilation, pads, g.shape[1:3]):
+    for n, f, s, d, (lo, _), out in zip(
+        x_hw, (fh, fw), stride, dilation, pads, g.shape[1:3], strict=True
+    ):
         f_eff = d * (f - 1) + 1
         before = f_eff - 1 - lo
         after = n + f_eff - 1 - before - ((out - 1) * s + 1)
@@ -121,13 +142,131 @@ def _input_grad(g, w, x_hw, stride, pads, dilation, impl):
     return _native_conv(g, w_flipped, (1, 1), grad_pads, dilation, lhs_dilation=stride)
 
 
+def _offset_windows(xp, out_hw, f_hw, stride, dilation):
+    """The strided slice of ``xp`` that each filter offset ``(a, b)`` sees, row-major in (a, b)."""
+    (ho, wo), (fh, fw) = out_hw, f_hw
+    windows = []
+    for a in range(fh):
+        for b in range(fw):
+            r0, c0 = a * dilation[0], b * dilation[1]
+            windows.append(
+                lax.slice(
+                    xp,
+                    (0, r0, c0, 0),
+                    (
+                        xp.shape[0],
+                        r0 + (ho - 1) * stride[0] + 1,
+                        c0 + (wo - 1) * stride[1] + 1,
+                        xp.shape[3],
+                    ),
+                    (1, stride[0], stride[1], 1),
+                )
+            )
+    return windows
+
+
+def _tn_dot(a, b, acc):
+    """a^T b for 2-D a (M, P) and b (M, K), contracting the long axis M."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+
+
+# Patch rows per block of the blocked im2col weight gradient: the block's
+# patches, (rows, F_h F_w C_in), should stay in the last-level cache.
+_IM2COL_BLOCK_BYTES = 4 * 2**20
+_IM2COL_MIN_ROWS = 256
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
+def _im2col_blocks(n, ho, wo, row_bytes):
+    """(images per block, output rows per block): about _IM2COL_BLOCK_BYTES of patches."""
+    target = max(_IM2COL_MIN_ROWS, _IM2COL_BLOCK_BYTES // row_bytes)
+    if n * ho * wo <= target:
+        return n, ho
+    if n * wo <= target:
+        return n, max(1, target // (n * wo))
+    if ho * wo <= target:
+        return _largest_divisor_at_most(n, target // (ho * wo)), ho
+    return 1, max(1, target // wo)
+
+
+def _weight_grad_im2col(xp, g, w_shape, stride, dilation, acc):
+    """dL/dw as (patches)^T g, one matrix product per cache-sized block of patches.
+
+    The patch matrix of a block of output pixels holds, per pixel, the F_h F_w C_in
+    input values its filter window sees; dL/dw (flattened to (F_h F_w C_in, K)) is
+    the sum over blocks of patches^T (M_block, F_h F_w C_in) x g (M_block, K).
+    Blocking keeps the patches in cache instead of materialising all of them.
+    """
+    fh, fw, c, k = w_shape
+    n, ho, wo, _ = g.shape
+    bn, r = _im2col_blocks(n, ho, wo, fh * fw * c * jnp.dtype(xp.dtype).itemsize)
+
+    def block(xb, gb):
+        windows = _offset_windows(xb, (gb.shape[1], wo), (fh, fw), stride, dilation)
+        patches = jnp.concatenate(windows, axis=-1).reshape(-1, fh * fw * c)
+        return _tn_dot(patches, gb.reshape(-1, k), acc)
+
+    if (bn, r) == (n, ho):
+        return block(xp, g).reshape(fh, fw, c, k)
+    n_row_blocks = -(-ho // r)
+    n_blocks = (n // bn) * n_row_blocks
+    span = (r - 1) * stride[0] + (fh - 1) * dilation[0] + 1
+    need = (n_row_blocks * r - 1) * stride[0] + (fh - 1) * dilation[0] + 1
+    # Zero rows of g (and of xp) complete the last row block; they add nothing.
+    g = jnp.pad(g, ((0, 0), (0, n_row_blocks * r - ho), (0, 0), (0, 0)))
+    xp = jnp.pad(xp, ((0, 0), (0, max(0, need - xp.shape[1])), (0, 0), (0, 0)))
+
+    def body(i, total):
+        bi, hi = i // n_row_blocks, i % n_row_blocks
+        xb = lax.dynamic_slice(xp, (bi * bn, hi * r * stride[0], 0, 0), (bn, span, xp.shape[2], c))
+        gb = lax.dynamic_slice(g, (bi * bn, hi * r, 0, 0), (bn, r, wo, k))
+        return total + block(xb, gb)
+
+    total = lax.fori_loop(0, n_blocks, body, jnp.zeros((fh * fw * c, k), acc))
+    return total.reshape(fh, fw, c, k)
+
+
+# Batch chunks of the "per_image" weight gradient: about this many bytes of x and g
+# per chunk (one 128x128x64 image already exceeds it), at most this many chunks.
+_CHUNK_BYTES = 2 * 2**20
+_MAX_CHUNKS = 32
+
+
+def _weight_grad_per_image(x, g, w_shape, stride, pads, dilation, acc):
+    """dL/dw summed over batch chunks, each chunk's term being XLA's derived gradient.
+
+    The sum over ``n`` in the formula splits into independent terms. XLA:CPU's
+    own weight-gradient convolution is fast while x and g of the chunk stay in
+    cache and several times slower (per image) on a whole large batch.
+    """
+    n = x.shape[0]
+    per_image = (x[0].size + g[0].size) * jnp.dtype(x.dtype).itemsize
+    size = max(1, _CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
+
+    def term(xc, gc):
+        def f(w):
+            return _native_conv(xc, w, stride, pads, dilation)
+
+        return jax.vjp(f, jnp.zeros(w_shape, x.dtype))[1](gc)[0].astype(acc)
+
+    total = term(x[:size], g[:size])
+    for i in range(size, n, size):
+        total = total + term(x[i : i + size], g[i : i + size])
+    return total
+
+
 def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
     """dL/dw[a, b, c, k] = sum_{n,i,j} xp[n, i*S_h + a*D_h, j*S_w + b*D_w, c] g[n, i, j, k]."""
-    fh, fw, _, _ = w_shape
+    fh, fw, c, k = w_shape
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    if impl == "per_image":
+        return _weight_grad_per_image(x, g, w_shape, stride, pads, dilation, acc)
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     if impl == "xla":
         # XLA's formulation: a convolution with batch and feature axes exchanged.
-        xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
         dw = lax.conv_general_dilated(
             xp,
             g,
@@ -139,26 +278,12 @@ def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
         )
         # Trailing input rows the forward pass never read can add extra offsets.
         return dw[:fh, :fw]
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    ho, wo = g.shape[1], g.shape[2]
-    rows = []
-    for a in range(fh):
-        cols = []
-        for b in range(fw):
-            r0, c0 = a * dilation[0], b * dilation[1]
-            window = lax.slice(
-                xp,
-                (0, r0, c0, 0),
-                (xp.shape[0], r0 + (ho - 1) * stride[0] + 1, c0 + (wo - 1) * stride[1] + 1, xp.shape[3]),
-                (1, stride[0], stride[1], 1),
-            )
-            cols.append(
-                lax.dot_general(
-                    window, g, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=acc
-                )
-            )
-        rows.append(jnp.stack(cols))
-    return jnp.stack(rows)
+    if impl == "im2col":
+        return _weight_grad_im2col(xp, g, w_shape, stride, dilation, acc)
+    # "offsets": one (N H_out W_out, C_in)^T (N H_out W_out, K) product per offset.
+    g2 = g.reshape(-1, k)
+    windows = _offset_windows(xp, g.shape[1:3], (fh, fw), stride, dilation)
+    return jnp.stack([_tn_dot(wd.reshape(-1, c), g2, acc) for wd in windows]).reshape(fh, fw, c, k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
@@ -204,7 +329,9 @@ def conv2d(
       dilation: D, an int or ``(D_h, D_w)``; the filter spans ``D (F - 1) + 1`` cells.
       dilation_impl: "auto", "native" or "space_to_batch" (the atrous trick; only
         used for stride 1 and dilation > 1).
-      weight_grad_impl: "auto", "offsets" or "xla": how dL/dkernel is formed.
+      weight_grad_impl: "auto", "per_image", "im2col", "offsets" or "xla": how dL/dkernel is
+        formed (see the module docstring); "auto" picks per backend from
+        ``WEIGHT_GRAD_IMPL_BY_BACKEND``.
 
     Returns:
       ``(N, H_out, W_out, K)`` with ``H_out = floor((H + P_top + P_bottom - F_eff) / S) + 1``
@@ -242,7 +369,9 @@ def conv2d(
     if min(fhw) < 1:
         raise ValueError(f"conv2d: kernel spatial size must be >= 1, got {fhw}.")
     pads = normalize_padding(padding, x.shape[1:3], fhw, s, d)
-    for dim, n, f, st, p, dl in zip(("height", "width"), x.shape[1:3], fhw, s, pads, d):
+    for dim, n, f, st, p, dl in zip(
+        ("height", "width"), x.shape[1:3], fhw, s, pads, d, strict=True
+    ):
         try:
             conv_output_size(n, f, st, p, dl, exact=False, name=f"conv2d ({dim})")
         except ShapeError:

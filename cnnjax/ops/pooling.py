@@ -40,7 +40,7 @@ def _window_args(x, window, stride, padding, op):
     f = to_pair(window, f"{op}: window")
     s = f if stride is None else to_pair(stride, f"{op}: stride")
     pads = normalize_padding(padding, x.shape[1:3], f, s)
-    for dim, n, fi, si, p in zip(("height", "width"), x.shape[1:3], f, s, pads):
+    for dim, n, fi, si, p in zip(("height", "width"), x.shape[1:3], f, s, pads, strict=False):
         conv_output_size(n, fi, si, p, 1, exact=False, name=f"{op} ({dim})")
     return (1, *f, 1), (1, *s, 1), ((0, 0), *pads, (0, 0))
 

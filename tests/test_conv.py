@@ -1,0 +1,504 @@
+"""conv2d: forward and hand-written VJP against a numpy loop, lax, autodiff and PyTorch."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+from jax.test_util import check_grads
+
+from cnnjax.ops import conv as conv_module
+from cnnjax.ops import conv2d
+from cnnjax.shapes import ShapeError
+
+DN = ("NHWC", "HWIO", "NHWC")
+# Every weight-gradient formulation the module offers (besides "auto") is tested.
+WGRAD_IMPLS = [i for i in conv_module._WGRAD_IMPLS if i != "auto"]
+
+# --------------------------------------------------------------------------- references
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def explicit_pads(padding, in_hw, k_hw, stride, dilation):
+    """Padding as ((top, bottom), (left, right)), SAME by TensorFlow's documented rule."""
+    stride, dilation = _pair(stride), _pair(dilation)
+    if isinstance(padding, str):
+        if padding.upper() == "VALID":
+            return ((0, 0), (0, 0))
+        pads = []
+        for n, f, s, d in zip(in_hw, k_hw, stride, dilation, strict=True):
+            out = -(-n // s)
+            total = max((out - 1) * s + d * (f - 1) + 1 - n, 0)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    if isinstance(padding[0], int):
+        return ((padding[0], padding[0]), (padding[1], padding[1]))
+    return tuple(tuple(p) for p in padding)
+
+
+def conv_numpy(x, w, stride=1, padding=0, dilation=1):
+    """The definition, as loops: y[n,i,j,k] = sum_{a,b,c} xp[n, iS+aD, jS+bD, c] w[a,b,c,k]."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
+    fh, fw, _, k = w.shape
+    pads = explicit_pads(padding, x.shape[1:3], (fh, fw), (sh, sw), (dh, dw))
+    xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    ho = (xp.shape[1] - dh * (fh - 1) - 1) // sh + 1
+    wo = (xp.shape[2] - dw * (fw - 1) - 1) // sw + 1
+    y = np.zeros((x.shape[0], ho, wo, k))
+    for i in range(ho):
+        for j in range(wo):
+            for a in range(fh):
+                for b in range(fw):
+                    y[:, i, j, :] += xp[:, i * sh + a * dh, j * sw + b * dw, :] @ w[a, b]
+    return y
+
+
+def conv_lax(x, w, stride=1, padding=0, dilation=1):
+    """lax.conv_general_dilated with the padding handed over as lax understands it."""
+    if isinstance(padding, str):
+        lax_pad = padding.upper()
+    else:
+        lax_pad = explicit_pads(padding, x.shape[1:3], w.shape[:2], stride, dilation)
+    return lax.conv_general_dilated(
+        x, w, _pair(stride), lax_pad, rhs_dilation=_pair(dilation), dimension_numbers=DN,
+        precision=lax.Precision.HIGHEST,
+    )
+
+
+def _rand(rng, shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# --------------------------------------------------------------------------- the grid
+
+STRIDES = [1, (2, 3)]
+PADDINGS = [0, 2, (1, 2), ((0, 2), (1, 0)), "SAME", "VALID"]
+DILATIONS = [1, 2, 3]
+GRID = list(itertools.product(STRIDES, PADDINGS, DILATIONS))
+# Non-square input and kernel: the 3x2 kernel at dilation 3 spans 7x4 cells.
+X_SHAPE, W_SHAPE = (2, 9, 8, 3), (3, 2, 3, 4)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", GRID)
+def test_forward_matches_lax(stride, padding, dilation):
+    rng = np.random.default_rng(1)
+    x, w = _rand(rng, X_SHAPE), _rand(rng, W_SHAPE)
+    y = conv2d(x, w, stride=stride, padding=padding, dilation=dilation, dilation_impl="native")
+    ref = conv_lax(x, w, stride, padding, dilation)
+    assert y.shape == ref.shape
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_impl_lists():
+    assert {"offsets", "xla"} <= set(WGRAD_IMPLS)
+    assert conv_module._IMPLS == ("auto", "native", "space_to_batch")
+
+
+@pytest.mark.parametrize("padding", [2, ((0, 2), (1, 0)), "SAME", "VALID"])
+@pytest.mark.parametrize("dilation", [2, (1, 3)])
+def test_space_to_batch_forward_matches_lax(padding, dilation):
+    rng = np.random.default_rng(2)
+    x, w = _rand(rng, X_SHAPE), _rand(rng, W_SHAPE)
+    y = conv2d(x, w, padding=padding, dilation=dilation, dilation_impl="space_to_batch")
+    ref = conv_lax(x, w, 1, padding, dilation)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "stride,padding,dilation",
+    [(1, 0, 1), (2, 1, 1), ((1, 2), ((2, 0), (0, 1)), 2), (3, "SAME", (2, 1)), (1, "VALID", 3),
+     (2, (0, 3), 1)],
+)
+@pytest.mark.parametrize("dilation_impl", ["native", "space_to_batch"])
+def test_forward_matches_numpy_loop(x64, stride, padding, dilation, dilation_impl):
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((2, 7, 6, 2)), rng.standard_normal((3, 2, 2, 3))
+    y = conv2d(jnp.asarray(x), jnp.asarray(w), stride=stride, padding=padding,
+               dilation=dilation, dilation_impl=dilation_impl)
+    ref = conv_numpy(x, w, stride, padding, dilation)
+    assert y.dtype == jnp.float64
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_padding_larger_than_kernel_and_unread_rows(x64):
+    # Padding 3 around a 1x1 kernel at stride 2: rows the forward pass never reads
+    # must get a zero gradient, and negative "full" padding must crop correctly.
+    rng = np.random.default_rng(4)
+    x, w = jnp.asarray(rng.standard_normal((1, 4, 5, 2))), jnp.asarray(
+        rng.standard_normal((1, 1, 2, 2)))
+    for wgi in WGRAD_IMPLS:
+        f = functools.partial(conv2d, stride=2, padding=3, weight_grad_impl=wgi)
+        y, vjp = jax.vjp(f, x, w)
+        ref, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w, 2, 3, 1), x, w)
+        np.testing.assert_allclose(y, ref, atol=1e-12)
+        g = jnp.asarray(rng.standard_normal(y.shape))
+        for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        # Stride 2 from padded offset -3 reads input rows/columns -3, -1, 1, 3 only:
+        # rows 0 and 2 (and columns 0, 2, 4) get no gradient.
+        dx = np.asarray(vjp(g)[0])
+        assert np.all(dx[:, 0::2] == 0) and np.all(dx[:, :, 0::2] == 0)
+        assert np.all(dx[:, 1::2, 1::2] != 0)
+
+
+# --------------------------------------------------------------------------- the VJP
+
+
+VJP_GRID = list(itertools.product([1, (2, 3)], [((0, 2), (1, 0)), "SAME"], [1, 3]))
+VJP_GRID += [(2, (1, 2), 2), ((1, 2), 0, (2, 1))]
+
+
+def _check_vjp_against_lax(stride, padding, dilation, impls):
+    rng = np.random.default_rng(5)
+    x, w = jnp.asarray(rng.standard_normal(X_SHAPE)), jnp.asarray(rng.standard_normal(W_SHAPE))
+    ref_y, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w, stride, padding, dilation), x, w)
+    g = jnp.asarray(rng.standard_normal(ref_y.shape))
+    ref_dx, ref_dw = ref_vjp(g)
+    for dil_impl, wg_impl in impls:
+        f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
+                              dilation_impl=dil_impl, weight_grad_impl=wg_impl)
+        y, vjp = jax.vjp(f, x, w)
+        dx, dw = vjp(g)
+        np.testing.assert_allclose(y, ref_y, rtol=1e-10, atol=1e-10)
+        assert dx.shape == x.shape and dw.shape == w.shape
+        np.testing.assert_allclose(dx, ref_dx, rtol=1e-10, atol=1e-10,
+                                   err_msg=f"dx {dil_impl}/{wg_impl}")
+        np.testing.assert_allclose(dw, ref_dw, rtol=1e-10, atol=1e-10,
+                                   err_msg=f"dw {dil_impl}/{wg_impl}")
+
+
+@pytest.mark.parametrize("stride,padding,dilation", VJP_GRID)
+def test_vjp_matches_lax_autodiff(x64, stride, padding, dilation):
+    _check_vjp_against_lax(stride, padding, dilation, [("auto", "auto")])
+
+
+@pytest.mark.parametrize(
+    "dilation_impl,weight_grad_impl",
+    [("space_to_batch", "auto")] + [("native", wg) for wg in WGRAD_IMPLS],
+)
+@pytest.mark.parametrize(
+    "stride,padding,dilation",
+    [(1, ((0, 2), (1, 0)), 3), (1, "SAME", (2, 1)), ((2, 3), (1, 2), 2)],
+)
+def test_vjp_each_impl_matches_lax_autodiff(x64, stride, padding, dilation, dilation_impl,
+                                            weight_grad_impl):
+    # space_to_batch is only used at stride 1 (it falls back to native otherwise).
+    _check_vjp_against_lax(stride, padding, dilation, [(dilation_impl, weight_grad_impl)])
+
+
+def test_im2col_blocked_weight_grad(x64, monkeypatch):
+    # Real blocks only appear for large inputs; shrink the block budget so that a
+    # small input is split into several image and row blocks, with a ragged last one:
+    # here H_out = W_out = 5, so 3 images x 3 blocks of 2 output rows (the last one half).
+    monkeypatch.setattr(conv_module, "_IM2COL_BLOCK_BYTES", 1)
+    monkeypatch.setattr(conv_module, "_IM2COL_MIN_ROWS", 12)
+    rng = np.random.default_rng(15)
+    x = jnp.asarray(rng.standard_normal((3, 9, 5, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 2, 2, 3)))
+    stride, dilation = (2, 1), (1, 2)
+    f = functools.partial(conv2d, stride=stride, padding=1, dilation=dilation,
+                          weight_grad_impl="im2col")
+    y, vjp = jax.vjp(f, x, w)
+    ref, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w, stride, 1, dilation), x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    np.testing.assert_allclose(vjp(g)[1], ref_vjp(g)[1], rtol=1e-10, atol=1e-10)
+    # The blocked path (a loop over blocks) really ran.
+    jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](g))(x, w))
+    assert "while" in jaxpr or "scan" in jaxpr
+
+
+def test_vjp_is_the_hand_written_rule():
+    # The custom VJP is what jax.grad uses: its jaxpr contains a custom_vjp call.
+    x, w = jnp.ones((1, 4, 4, 1), jnp.float32), jnp.ones((2, 2, 1, 1), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w))(x, w))
+    assert "custom_vjp" in jaxpr
+
+
+CHECK_GRID = list(itertools.product([1, 2], [((1, 0), (2, 1)), "SAME"], [1, 2]))
+
+
+@pytest.mark.parametrize("stride,padding,dilation", CHECK_GRID)
+def test_check_grads_order2(x64, stride, padding, dilation):
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((1, 6, 5, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 2, 2, 2)))
+
+    def f(x, w):
+        return conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+
+    check_grads(f, (x, w), order=2, modes=["rev"])
+
+
+@pytest.mark.parametrize(
+    "dilation_impl,weight_grad_impl",
+    [("space_to_batch", "auto")] + [("native", wg) for wg in WGRAD_IMPLS],
+)
+def test_check_grads_order2_other_impls(x64, dilation_impl, weight_grad_impl):
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((1, 6, 5, 2)))
+    w = jnp.asarray(rng.standard_normal((2, 2, 2, 2)))
+
+    def f(x, w):
+        return conv2d(x, w, padding=((1, 0), (0, 2)), dilation=2,
+                      dilation_impl=dilation_impl, weight_grad_impl=weight_grad_impl)
+
+    check_grads(f, (x, w), order=2, modes=["rev"])
+
+
+# --------------------------------------------------------------------------- bias, transforms
+
+
+def test_bias_added_per_filter():
+    rng = np.random.default_rng(8)
+    x, w = _rand(rng, (2, 5, 5, 3)), _rand(rng, (3, 3, 3, 4))
+    b = np.array([1.0, -2.0, 0.5, 10.0], np.float32)
+    y = conv2d(x, w, b, padding=1)
+    np.testing.assert_allclose(y, conv_lax(x, w, 1, 1, 1) + b, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_wrt_x_w_bias(x64):
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 3)))
+    b = jnp.asarray(rng.standard_normal((3,)))
+
+    def loss(x, w, b):
+        return jnp.sum(jnp.tanh(conv2d(x, w, b, stride=2, padding=1)) ** 2)
+
+    def ref_loss(x, w, b):
+        return jnp.sum(jnp.tanh(conv_lax(x, w, 2, 1, 1) + b) ** 2)
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(x, w, b)
+    want = jax.grad(ref_loss, argnums=(0, 1, 2))(x, w, b)
+    for g_, w_ in zip(got, want, strict=True):
+        np.testing.assert_allclose(g_, w_, rtol=1e-10, atol=1e-12)
+    # dL/db is the sum of dL/dy over batch and positions.
+    y = conv_lax(x, w, 2, 1, 1) + b
+    gy = 2 * jnp.tanh(y) * (1 - jnp.tanh(y) ** 2)
+    np.testing.assert_allclose(got[2], gy.sum(axis=(0, 1, 2)), rtol=1e-10)
+
+
+def test_jit_matches_eager():
+    rng = np.random.default_rng(10)
+    x, w = _rand(rng, (2, 8, 7, 3)), _rand(rng, (3, 3, 3, 2))
+    f = jax.jit(functools.partial(conv2d, stride=2, padding="SAME", dilation=(1, 2)))
+    np.testing.assert_allclose(f(x, w), conv_lax(x, w, 2, "SAME", (1, 2)), rtol=1e-5, atol=1e-5)
+    g = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=1))(x, w)
+    g_ref = jax.grad(lambda x, w: jnp.sum(conv_lax(x, w, 2, "SAME", (1, 2)) ** 2), argnums=1)(x, w)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_vmap_over_extra_leading_axis():
+    rng = np.random.default_rng(11)
+    xs, w = _rand(rng, (3, 2, 6, 6, 2)), _rand(rng, (3, 3, 2, 4))
+    f = functools.partial(conv2d, stride=1, padding=1, dilation=2)
+    ys = jax.vmap(f, in_axes=(0, None))(xs, w)
+    assert ys.shape == (3, 2, 4, 4, 4)
+    for i in range(3):
+        np.testing.assert_allclose(ys[i], conv_lax(xs[i], w, 1, 1, 2), rtol=1e-5, atol=1e-5)
+    # vmap over a stack of kernels, and grad through vmap.
+    ws = _rand(rng, (2, 3, 3, 2, 4))
+    yk = jax.vmap(f, in_axes=(None, 0))(xs[0], ws)
+    for i in range(2):
+        np.testing.assert_allclose(yk[i], conv_lax(xs[0], ws[i], 1, 1, 2), rtol=1e-5, atol=1e-5)
+    dxs = jax.grad(lambda xs: jnp.sum(jax.vmap(f, in_axes=(0, None))(xs, w) ** 2))(xs)
+    dxs_ref = jax.grad(lambda xs: sum(jnp.sum(conv_lax(xs[i], w, 1, 1, 2) ** 2)
+                                      for i in range(3)))(xs)
+    np.testing.assert_allclose(dxs, dxs_ref, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def test_float32_and_float64(x64):
+    rng = np.random.default_rng(12)
+    x, w = rng.standard_normal((1, 6, 6, 2)), rng.standard_normal((3, 3, 2, 2))
+    for dtype in (jnp.float32, jnp.float64):
+        y = conv2d(jnp.asarray(x, dtype), jnp.asarray(w, dtype), padding=1)
+        assert y.dtype == dtype
+        tol = 1e-5 if dtype == jnp.float32 else 1e-12
+        np.testing.assert_allclose(y, conv_numpy(x, w, 1, 1, 1), rtol=tol, atol=tol)
+        dx, dw = jax.grad(lambda x, w: jnp.sum(conv2d(x, w, padding=1)), argnums=(0, 1))(
+            jnp.asarray(x, dtype), jnp.asarray(w, dtype))
+        assert dx.dtype == dtype and dw.dtype == dtype
+
+
+@pytest.mark.parametrize("weight_grad_impl", WGRAD_IMPLS)
+def test_bfloat16(weight_grad_impl):
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(_rand(rng, (2, 7, 7, 4)), jnp.bfloat16)
+    w = jnp.asarray(_rand(rng, (3, 3, 4, 3)), jnp.bfloat16)
+    b = jnp.asarray(_rand(rng, (3,)), jnp.bfloat16)
+    f = functools.partial(conv2d, stride=2, padding=1, dilation=1,
+                          weight_grad_impl=weight_grad_impl)
+    y = f(x, w, b)
+    assert y.dtype == jnp.bfloat16
+    x32, w32, b32 = (a.astype(jnp.float32) for a in (x, w, b))
+    ref = conv_lax(x32, w32, 2, 1, 1) + b32
+    np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=3e-2, atol=1e-1)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) ** 2), argnums=(0, 1))(x, w)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    rdx, rdw = jax.grad(lambda x, w: jnp.sum(conv_lax(x, w, 2, 1, 1) ** 2), argnums=(0, 1))(
+        x32, w32)
+    # Loose: y is rounded to bf16 before the loss, so compare relative to the scale.
+    for got, want in ((dx, rdx), (dw, rdw)):
+        err = np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want)))
+        assert err <= 3e-2 * np.max(np.abs(np.asarray(want))), err
+
+
+def test_mixed_and_integer_dtypes():
+    x = jnp.ones((1, 4, 4, 1), jnp.float32)
+    w = jnp.ones((2, 2, 1, 1), jnp.bfloat16)
+    assert conv2d(x, w).dtype == jnp.float32
+    xi = jnp.ones((1, 4, 4, 1), jnp.int32)
+    wi = jnp.ones((2, 2, 1, 1), jnp.int32)
+    y = conv2d(xi, wi)
+    assert y.dtype == jnp.float32
+    np.testing.assert_array_equal(y, np.full((1, 3, 3, 1), 4.0))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+X4 = np.zeros((1, 5, 5, 3), np.float32)
+W4 = np.zeros((3, 3, 3, 2), np.float32)
+
+
+@pytest.mark.parametrize(
+    "x, w, kwargs, pattern",
+    [
+        (X4[0], W4, {}, r"conv2d: x must be a 4-D NHWC array .* got shape \(5, 5, 3\)"),
+        (X4, W4[0], {}, r"conv2d: kernel must be 4-D HWIO .* got shape \(3, 3, 2\)"),
+        (X4, np.zeros((3, 3, 2, 2), np.float32), {},
+         r"conv2d: x has 3 channels but the kernel expects C_in = 2"),
+        (X4, W4, {"bias": np.zeros((3,), np.float32)},
+         r"conv2d: bias must have shape \(2,\) .* got \(3,\)"),
+        (X4, W4, {"bias": np.zeros((1, 2), np.float32)}, r"bias must have shape \(2,\)"),
+        (X4, W4, {"stride": 0}, r"stride must be >= 1, got 0"),
+        (X4, W4, {"stride": (1, 0)}, r"stride must be >= 1, got 0"),
+        (X4, W4, {"dilation": 0}, r"dilation must be >= 1, got 0"),
+        (X4, W4, {"padding": -1}, r"padding must be >= 0, got -1"),
+        (X4, W4, {"padding": ((0, 0), (1, -1))}, r"padding must be >= 0, got -1"),
+        (X4, W4, {"padding": "FULL"}, r"padding must be an int, a pair, 'SAME' or 'VALID'"),
+        (X4, W4, {"dilation_impl": "fft"}, r"conv2d: dilation_impl must be one of .*'fft'"),
+        (X4, W4, {"weight_grad_impl": "fft"},
+         r"conv2d: weight_grad_impl must be one of .*'fft'"),
+    ],
+)
+def test_errors_name_the_argument(x, w, kwargs, pattern):
+    kwargs = dict(kwargs)
+    bias = kwargs.pop("bias", None)
+    with pytest.raises(ValueError, match=pattern):
+        conv2d(x, w, bias, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"dilation": 3}, {"padding": 0, "stride": 2}],
+)
+def test_kernel_larger_than_padded_input(kwargs):
+    x = np.zeros((1, 4, 6, 1), np.float32)
+    w = np.zeros((5, 3, 1, 1), np.float32)
+    with pytest.raises(ShapeError, match=r"conv2d \(height\).*larger than the padded input of 4"):
+        conv2d(x, w, **kwargs)
+
+
+def test_kernel_fits_after_padding():
+    x = np.ones((1, 4, 4, 1), np.float32)
+    w = np.ones((5, 5, 1, 1), np.float32)
+    # (4 - 5 + 2) / 1 + 1 = 2
+    np.testing.assert_allclose(conv2d(x, w, padding=1), conv_lax(x, w, 1, 1, 1))
+
+
+# --------------------------------------------------------------------------- property tests
+
+
+@st.composite
+def conv_cases(draw):
+    fh, fw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    kind = draw(st.sampled_from(["int", "pair", "explicit", "SAME", "VALID"]))
+    if kind == "int":
+        padding = draw(st.integers(0, 2))
+    elif kind == "pair":
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    elif kind == "explicit":
+        padding = tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(2))
+    else:
+        padding = kind
+    pads = explicit_pads(padding, (100, 100), (fh, fw), stride, dilation)
+    hw = []
+    for f, d, p in zip((fh, fw), dilation, pads, strict=True):
+        need = max(1, d * (f - 1) + 1 - sum(p)) if kind != "SAME" else 1
+        hw.append(draw(st.integers(need, need + 6)))
+    n, c, k = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    impls = (draw(st.sampled_from(["auto", "native", "space_to_batch"])),
+             draw(st.sampled_from(["auto", *WGRAD_IMPLS])))
+    seed = draw(st.integers(0, 2**16))
+    return (n, *hw, c), (fh, fw, c, k), stride, padding, dilation, impls, seed
+
+
+@settings(max_examples=6, deadline=None)
+@given(case=conv_cases())
+def test_property_forward_and_vjp_match_lax(case):
+    x_shape, w_shape, stride, padding, dilation, (dil_impl, wg_impl), seed = case
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(seed)
+        x = jnp.asarray(rng.standard_normal(x_shape))
+        w = jnp.asarray(rng.standard_normal(w_shape))
+        f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
+                              dilation_impl=dil_impl, weight_grad_impl=wg_impl)
+        y, vjp = jax.vjp(f, x, w)
+        ref, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w, stride, padding, dilation), x, w)
+        assert y.shape == ref.shape
+        np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+        g = jnp.asarray(rng.standard_normal(y.shape))
+        for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+TORCH_CASES = [(1, 0, 1), (2, 1, 2), (3, (1, 2), (2, 1)), ((2, 1), 1, 3)]
+
+
+@pytest.mark.parametrize("stride,padding,dilation", TORCH_CASES)
+def test_matches_torch_forward_and_gradients(x64, stride, padding, dilation):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(14)
+    x, w = rng.standard_normal((2, 8, 7, 3)), rng.standard_normal((3, 2, 3, 4))
+    b = rng.standard_normal((4,))
+    f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation)
+    y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
+    g = rng.standard_normal(y.shape)
+    dx, dw, db = vjp(jnp.asarray(g))
+
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)  # NHWC -> NCHW
+    tw = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)  # HWIO -> OIHW
+    tb = torch.tensor(b, requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tw, tb, stride=stride, padding=padding,
+                                    dilation=dilation)
+    ty.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(y, ty.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-10,
+                               atol=1e-10)
+    np.testing.assert_allclose(dx, tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dw, tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(db, tb.grad.numpy(), rtol=1e-10, atol=1e-10)
