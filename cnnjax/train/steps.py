@@ -1,0 +1,121 @@
+"""The jitted train and eval steps: pure functions of (state, batch).
+
+Both are compiled once per run with explicit shardings (state replicated,
+batch split over the ``data`` axis) and the train step donates its input
+state. Augmentation runs inside the step, on device, so the host only ships
+uint8 images. The loss is softmax cross-entropy computed in float32 on the
+model's logits whatever the compute dtype; every metric is a masked *sum*
+(loss_sum, correct, top5_correct, count) so padded eval rows count for nothing
+and sums over batches and devices stay exact; divide at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from cnnjax.train import mesh as mesh_lib
+from cnnjax.train.state import TrainState, step_keys
+
+Metrics = dict[str, jax.Array]
+
+
+def masked_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                   with_top5: bool) -> tuple[jax.Array, Metrics]:
+    """Mean loss over unmasked rows, and the summed metrics of the batch."""
+    logits = logits.astype(jnp.float32)
+    weights = mask.astype(jnp.float32)
+    count = jnp.sum(weights)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    loss_sum = jnp.sum(per_example * weights)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) * weights)
+    metrics = {"loss_sum": loss_sum, "correct": correct, "count": count}
+    if with_top5:
+        _, top5 = jax.lax.top_k(logits, 5)
+        metrics["top5_correct"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * weights)
+    return loss_sum / jnp.maximum(count, 1.0), metrics
+
+
+class Steps:
+    """Builds and holds the jitted ``train_step`` and ``eval_step`` of one run.
+
+    ``train_step(state, batch) -> (state, metrics)``; ``eval_step(params, batch)
+    -> metrics``. ``batch`` is ``{"image": uint8 (B,H,W,C), "label": int32 (B,),
+    "mask": bool (B,)}`` sharded over the mesh. ``traces`` counts how often
+    each Python function was traced (it must stay 1: a second trace means a
+    silent recompile).
+    """
+
+    def __init__(self, model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                 mesh: Mesh, num_classes: int, preprocess: Callable[..., jax.Array],
+                 augment_config: ml_collections.ConfigDict, mean: Any, std: Any):
+        self.traces = {"train": 0, "eval": 0}
+        with_top5 = num_classes > 5
+
+        def train_step(state: TrainState, batch: dict[str, jax.Array]):
+            self.traces["train"] += 1
+            augment_key, dropout_key = step_keys(state.rng, state.step)
+            images = preprocess(batch["image"], augment_key, train=True,
+                                config=augment_config, mean=mean, std=std)
+
+            def loss_fn(params):
+                logits = model.apply({"params": params}, images, train=True,
+                                     rngs={"dropout": dropout_key})
+                return masked_metrics(logits, batch["label"], batch["mask"], with_top5)
+
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+            return new_state, metrics
+
+        def eval_step(params, batch: dict[str, jax.Array]) -> Metrics:
+            self.traces["eval"] += 1
+            images = preprocess(batch["image"], jax.random.PRNGKey(0), train=False,
+                                config=augment_config, mean=mean, std=std)
+            logits = model.apply({"params": params}, images, train=False)
+            _, metrics = masked_metrics(logits, batch["label"], batch["mask"], with_top5)
+            return metrics
+
+        replicated = mesh_lib.replicated(mesh)
+        batch = mesh_lib.batch_sharding(mesh)
+        self._replicated, self._batch = replicated, batch
+        self.train_step = jax.jit(train_step, in_shardings=(replicated, batch),
+                                  out_shardings=(replicated, replicated), donate_argnums=(0,))
+        self.eval_step = jax.jit(eval_step, in_shardings=(replicated, batch),
+                                 out_shardings=replicated)
+
+    def compile(self, abstract_state: TrainState, example_batch: dict[str, Any],
+                eval_batch_size: int | None = None,
+                compiler_options: dict[str, Any] | None = None) -> None:
+        """Compiles both steps ahead of time for these shapes (may run in a thread).
+
+        Replaces ``train_step``/``eval_step`` by the compiled executables, which
+        can never recompile: a batch of another shape or dtype is an error.
+        ``example_batch`` is one process-local batch (numpy); its global shape
+        is this batch times the process count. ``compiler_options`` are XLA
+        debug options (see ``loop.compiler_options``).
+        """
+        processes = jax.process_count()
+
+        def spec(value, batch_size=None):
+            shape = (batch_size or value.shape[0] * processes, *value.shape[1:])
+            return jax.ShapeDtypeStruct(shape, value.dtype, sharding=self._batch)
+
+        state = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self._replicated),
+            abstract_state)
+        train_batch = {k: spec(v) for k, v in example_batch.items()}
+        self.train_step = self.train_step.lower(state, train_batch).compile(
+            compiler_options=compiler_options)
+        if eval_batch_size:
+            eval_batch = {k: spec(v, eval_batch_size) for k, v in example_batch.items()}
+            self.eval_step = self.eval_step.lower(state.params, eval_batch).compile(
+                compiler_options=compiler_options)

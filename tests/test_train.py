@@ -1,0 +1,180 @@
+"""The training system end to end: digits, mock tfds, resume, devices, compile-once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax.train import default_config, evaluate, optim, train_and_evaluate
+from cnnjax.train.loop import NonFiniteLossError
+
+
+def small_config(**overrides):
+    config = default_config()
+    config.progress_bar = False
+    config.log_every_steps = 10
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("digits")
+    config = small_config(num_epochs=4, learning_rate=3e-3)
+    return config, str(workdir), train_and_evaluate(config, str(workdir))
+
+
+def test_digits_reaches_accuracy_and_compiles_once(digits_run):
+    _, _, result = digits_run
+    assert result["test_accuracy"] >= 0.93, result
+    assert result["step"] == 4 * 44 and result["epoch"] == 4
+    assert result["train_step_traces"] == 1  # no silent recompiles
+
+
+def test_metrics_files_and_checkpoint(digits_run):
+    _, workdir, result = digits_run
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert all("step" in r and "epoch" in r for r in lines)
+    epochs = [r for r in lines if "test_accuracy" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    assert "test_top5_accuracy" not in epochs[-1]  # only when classes > 10
+    logged = [r for r in lines if "images_per_sec" in r]
+    assert logged and {"train_loss", "train_accuracy", "learning_rate"} <= set(logged[-1])
+    assert any(f.startswith("events.out.tfevents") for f in
+               os.listdir(os.path.join(workdir, "tensorboard")))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == str(result["step"])
+
+
+def test_evaluate_scores_the_newest_checkpoint(digits_run):
+    _, workdir, result = digits_run
+    scores = evaluate(None, workdir)  # the config comes from the checkpoint
+    assert scores["step"] == result["step"]
+    assert scores["test_accuracy"] == pytest.approx(result["test_accuracy"])
+
+
+def test_rerun_of_a_finished_run_does_not_train_again(digits_run):
+    config, workdir, result = digits_run
+    again = train_and_evaluate(config, workdir)
+    assert again["step"] == result["step"] and again["train_step_traces"] == 0
+    assert_trees_equal(again["params"], result["params"])
+
+
+def test_resume_after_stop_matches_uninterrupted_run(tmp_path):
+    config = small_config(num_epochs=2, checkpoint_every_steps=20,
+                          **{"augment.rotation": 5.0, "augment.shift": 0.05})
+    whole = train_and_evaluate(config, str(tmp_path / "whole"))
+
+    stopped = config.copy_and_resolve_references()
+    stopped.stop_after_steps = 30  # also saves at 30, off the 20-step interval
+    first = train_and_evaluate(stopped, str(tmp_path / "parts"))
+    assert first["step"] == 30 and first["last_checkpoint_step"] == 30
+    second = train_and_evaluate(config, str(tmp_path / "parts"))
+    assert second["step"] == whole["step"] == 88
+    assert_trees_equal(second["params"], whole["params"])
+    lines = [json.loads(line) for line in open(tmp_path / "parts" / "metrics.jsonl")]
+    assert [r["step"] for r in lines if "test_accuracy" in r] == [44, 88]
+
+
+def test_mock_tfds_short_run(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = small_config(dataset="tfds:mnist", num_epochs=1, batch_size=8,
+                          eval_batch_size=16, image_fit="pad")
+    with tfds.testing.mock_data(num_examples=32):
+        result = train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 4 and np.isfinite(result["test_loss"])
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    config = small_config(dataset="synthetic", optimizer="sgd", learning_rate=1e38,
+                          num_epochs=1, schedule="constant")
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+        train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path / "checkpoints")  # nothing non-finite was saved
+
+
+def test_schedules():
+    config = small_config(learning_rate=0.1, schedule="step", decay_epochs=(2, 3),
+                          decay_factor=0.1, warmup_epochs=1.0)
+    lr = optim.make_schedule(config, steps_per_epoch=10, total_steps=40)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.05)
+    assert float(lr(15)) == pytest.approx(0.1) and float(lr(25)) == pytest.approx(0.01)
+    assert float(lr(35)) == pytest.approx(0.001)
+    config.schedule, config.warmup_epochs = "cosine", 0.0
+    lr = optim.make_schedule(config, steps_per_epoch=10, total_steps=40)
+    assert float(lr(0)) == pytest.approx(0.1) and float(lr(40)) == pytest.approx(0.0)
+    config.schedule = "nope"
+    with pytest.raises(ValueError, match="schedule 'nope' is unknown"):
+        optim.make_schedule(config, 10, 40)
+
+
+def test_weight_decay_only_on_kernels():
+    import jax.numpy as jnp
+
+    config = small_config(optimizer="sgd", momentum=0.0, weight_decay=0.5, learning_rate=1.0)
+    tx = optim.make_optimizer(config, optim.make_schedule(config, 1, 1))
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(updates["kernel"][0, 0]) == pytest.approx(-0.5)
+    assert float(updates["bias"][0]) == 0.0
+
+
+_DEVICE_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, jax
+    from cnnjax.train import default_config, train_and_evaluate
+    config = default_config()
+    config.num_epochs, config.progress_bar, config.stop_after_steps = 1, False, 20
+    config.augment.rotation, config.augment.shift = 5.0, 0.05
+    config.compilation_cache_dir = ""
+    result = train_and_evaluate(config, sys.argv[1])
+    assert jax.device_count() == int(sys.argv[3]), jax.device_count()
+    leaves = [np.asarray(x) for x in jax.tree.leaves(result["params"])]
+    np.savez(sys.argv[2], *leaves, acc=result["test_accuracy"])
+""")
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one_device(tmp_path):
+    outs = {}
+    for devices in (1, 8):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_PLATFORMS="cpu")
+        out = tmp_path / f"params{devices}.npz"
+        subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(tmp_path / f"w{devices}"),
+                        str(out), str(devices)], check=True, env=env, timeout=300)
+        outs[devices] = np.load(out)
+    one, eight = outs[1], outs[8]
+    assert len(one.files) == len(eight.files)
+    for name in one.files:
+        # float32 sums reduce in another order over 8 devices; Adam's normalization
+        # turns those last-bit differences into at most ~1e-5 after 20 steps.
+        a, b = one[name], eight[name]
+        assert np.abs(a - b).max() < 1e-4, name
+        assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(a), 1.0), name
+
+
+def test_bfloat16_compute_keeps_float32_params(tmp_path):
+    config = small_config(dataset="synthetic", dtype="bfloat16", stop_after_steps=3)
+    result = train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 3 and np.isfinite(result["test_loss"])
+    assert {x.dtype for x in jax.tree.leaves(result["params"])} == {np.dtype("float32")}
