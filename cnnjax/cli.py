@@ -204,6 +204,101 @@ def _add_summary_command(sub) -> None:
     summ.set_defaults(func=_cmd_summary)
 
 
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    chosen = [flag for flag, value in (("--workdir", args.workdir), ("--demo", args.demo),
+                                       ("--model", args.model)) if value]
+    if len(chosen) != 1:
+        print("error: give exactly one of --workdir DIR, --demo edges or --model NAME"
+              + (f" (got {', '.join(chosen)})." if chosen else "."), file=sys.stderr)
+        return 2
+    if (args.image is not None or args.index is not None) and not args.workdir:
+        print("error: --image and --index choose the feature-map input of a run; "
+              "use them with --workdir.", file=sys.stderr)
+        return 2
+
+    def run() -> int:
+        import os
+
+        from cnnjax import viz
+
+        if args.workdir:
+            out = args.out or os.path.join(args.workdir, "viz")
+            paths = viz.visualize_run(args.workdir, out, image=args.image,
+                                      index=args.index or 0)
+        elif args.demo:
+            paths = viz.edge_demo(args.out or "viz")
+        else:
+            paths = viz.visualize_model(args.model, args.out or os.path.join("viz", args.model))
+        for path in paths.values():
+            print(path)
+        return 0
+
+    return _run_reporting_errors(args, run)
+
+
+def _add_visualize_command(sub) -> None:
+    vis = sub.add_parser(
+        "visualize", help="PNG pictures: filters, feature maps, curves, errors, architecture",
+        description="Write PNG pictures of a trained run (--workdir: first-layer filters, the "
+                    "feature maps of every conv layer for one image, training curves, "
+                    "confusion matrix, worst-classified test images, architecture), of an "
+                    "untrained registered model (--model: architecture and initial filters, "
+                    "shapes only), or the lecture's edge-filter demo (--demo edges).",
+    )
+    vis.add_argument("--workdir", default=None, help="a training run's workdir")
+    vis.add_argument("--model", default=None,
+                     help="a registered model name (lenet5, alexnet, vgg16, ...), untrained")
+    vis.add_argument("--demo", choices=["edges"], default=None,
+                     help="edges: hand-set edge and Sobel filters on a sample photo")
+    source = vis.add_mutually_exclusive_group()
+    source.add_argument("--image", default=None,
+                        help="image file whose feature maps are drawn (default: a test image)")
+    source.add_argument("--index", type=int, default=None,
+                        help="index of the test image whose feature maps are drawn (default 0)")
+    vis.add_argument("--out", default=None,
+                     help="output folder (default WORKDIR/viz, viz/MODEL, or viz for --demo)")
+    vis.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    vis.set_defaults(func=_cmd_visualize)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from cnnjax import bench
+
+        result = bench.run_benchmark(args.model, args.batch, args.mode, dtype=args.dtype,
+                                     steps=args.steps, warmup=args.warmup, peer=args.peer)
+        print(bench.to_json(result) if args.json else bench.format_result(result))
+        return 0
+
+    return _run_reporting_errors(args, run)
+
+
+def _add_bench_command(sub) -> None:
+    bench = sub.add_parser(
+        "bench", help="time the real jitted train/eval step: images/s, FLOPs, MFU",
+        description="Time the trainer's jitted train step (--mode train) or eval step "
+                    "(--mode infer) on synthetic data: warm-up excluded, median of --steps "
+                    "steps. Reports images/s, step time, compile time, FLOPs per image "
+                    "(from the layer shapes, cross-checked with XLA), achieved FLOP/s, the "
+                    "matmul peak measured in the same process, MFU and peak device memory.",
+    )
+    bench.add_argument("--model", default="lenet5",
+                       help="lenet5, alexnet, vgg16, vgg19, allconv (default lenet5)")
+    bench.add_argument("--batch", type=int, default=128, help="global batch size (default 128)")
+    bench.add_argument("--mode", choices=["train", "infer"], default="train",
+                       help="train: forward+backward+update; infer: forward (default train)")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="compute dtype; parameters stay float32 (default float32)")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    bench.add_argument("--warmup", type=int, default=2,
+                       help="untimed steps after compiling (default 2)")
+    bench.add_argument("--peer", choices=["torch"], default=None,
+                       help="also time the PyTorch equivalent, alternating, and print the ratio")
+    bench.add_argument("--json", action="store_true", help="print one JSON line")
+    bench.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    bench.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnjax",
@@ -226,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     shape.set_defaults(func=_cmd_shape)
     _add_train_commands(sub)
     _add_summary_command(sub)
+    _add_visualize_command(sub)
+    _add_bench_command(sub)
     return parser
 
 
