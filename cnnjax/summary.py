@@ -18,7 +18,9 @@ memory) and lists the model's top-level layers in call order. A nested model
 Which parameters count as trainable: all by default; ``frozen={"vgg16"}``
 marks those top-level layers non-trainable (Keras' ``layer.trainable = False``),
 ``trainable=`` gives the complement (a set of top-level names, or a predicate
-on the parameter path tuple, e.g. ``lambda path: path[0] != "vgg16"``).
+on the parameter path tuple, e.g. ``lambda path: path[0] != "vgg16"``). With
+neither, a model's own ``is_trainable(path)`` method decides (a
+``cnnjax.models.TransferModel`` and its ``freeze``).
 """
 
 from __future__ import annotations
@@ -185,6 +187,9 @@ def summary(
     if "input_shape" in getattr(model, "__dataclass_fields__", {}) and \
             tuple(model.input_shape) != input_shape:
         model = model.clone(parent=None, input_shape=input_shape)
+    if trainable is None and frozen is None and callable(getattr(model, "is_trainable", None)):
+        # The model's own freeze spec (e.g. TransferModel), the one the optimizer uses.
+        trainable = model.is_trainable
     is_trainable = _trainable_predicate(trainable, frozen)
 
     calls: list[tuple[str, str, object]] = []

@@ -20,6 +20,8 @@ from cnnjax.models.base import LayerSpec, Sequential, SequentialModel, activatio
 from cnnjax.models.classic import VGG, AlexNet, AllConvNet, ClassifierModel, LeNet5
 from cnnjax.models.fully_conv import dense_to_conv, to_fully_convolutional
 from cnnjax.models.pattern import ConvNet, PatternError, from_pattern, pattern_layers
+from cnnjax.models.torchvision_alexnet import TorchvisionAlexNet
+from cnnjax.models.transfer import TransferModel, trainable_mask, transfer, vgg16_transfer
 
 __all__ = [
     "get",
@@ -46,6 +48,11 @@ __all__ = [
     "Sequential",
     "LayerSpec",
     "layer",
+    "alexnet_torchvision",
+    "TorchvisionAlexNet",
+    "TransferModel",
+    "trainable_mask",
+    "pretrained",
 ]
 
 
@@ -100,12 +107,27 @@ def allconv(**kwargs) -> AllConvNet:
     return _construct(AllConvNet, kwargs)
 
 
+def alexnet_torchvision(**kwargs) -> TorchvisionAlexNet:
+    """torchvision's AlexNet, 64-192-384-256-256 without LRN (224x224x3, 61,100,840 params)."""
+    return _construct(TorchvisionAlexNet, kwargs)
+
+
+def pretrained(name: str, path, **kwargs):
+    """``(model, variables)`` with weights from ``path``; see :func:`cnnjax.weights.pretrained`."""
+    from cnnjax import weights
+
+    return weights.pretrained(name, path, **kwargs)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lenet5,
     "alexnet": alexnet,
     "vgg16": vgg16,
     "vgg19": vgg19,
     "allconv": allconv,
+    "alexnet_torchvision": alexnet_torchvision,
+    "transfer": transfer,
+    "vgg16_transfer": vgg16_transfer,
 }
 
 

@@ -37,6 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.dropout_rate = -1.0        # < 0: the model's own default.
     config.image_shape = ()           # (H, W, C); () = the model's input_shape.
 
+    # Transfer learning (cnnjax.models.TransferModel, cnnjax.weights).
+    config.weights = ""               # published weights (.h5, .pth, .safetensors) loaded at step 0
+    config.freeze = ""                # transfer models: "base", "none", "block1,block2" ("": model)
+    config.transfer_base = ""         # transfer models: the base network; "" = the model's (vgg16)
+    config.transfer_head = ()         # transfer models: hidden dense widths; () = the model's
+    config.binary_labels = ""         # "lt5": label 1 for classes 0-4, else 0; "even": 1 for even
+
     # Data.
     config.dataset = "digits"         # "digits" | "synthetic" | "tfds:<name>[:version]"
     config.data_dir = ""              # tfds data_dir ("" = tfds default, ~/tensorflow_datasets)
@@ -71,6 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.stop_after_steps = -1      # > 0: stop (with a checkpoint) at this step; for resume tests
     config.eval_every_epochs = 1
     config.distributed = False        # True: jax.distributed.initialize() (multi-host TPU/GPU)
+    # Several processes named explicitly (GPU clusters, or processes on one machine; see
+    # docs/reliability.md); env CNNJAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID.
+    config.coordinator_address = ""   # "host:port" of process 0; "" = single process or TPU
+    config.num_processes = 0          # with coordinator_address: how many processes
+    config.process_id = -1            # with coordinator_address: this process, 0..n-1
+    config.distributed_timeout_s = 300  # fail (status 2) if the processes do not all connect
+    config.init_from = ""             # a run's workdir: start from its params of same name/shape
     config.compilation_cache_dir = "~/.cache/cnnjax/xla"  # "" disables the persistent cache
     config.fast_cpu_compile = True    # CPU only: cheaper XLA compiles (see loop.compiler_options)
     config.progress_bar = True        # shown only when stdout is a terminal

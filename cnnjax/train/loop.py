@@ -9,10 +9,13 @@ with the same parameters as one that never stopped.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import logging
 import math
 import os
+import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -23,7 +26,8 @@ import ml_collections
 
 from cnnjax.train import mesh as mesh_lib
 from cnnjax.train import optim
-from cnnjax.train.checkpoint import CheckpointError, Checkpoints
+from cnnjax.train.checkpoint import CheckpointError, Checkpoints, load_matching_params
+from cnnjax.train.config import ConfigError
 from cnnjax.train.metrics import MetricWriter, Progress
 from cnnjax.train.state import TrainState, count_params, create_state
 from cnnjax.train.steps import Steps
@@ -34,24 +38,102 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+    """The training loss, a gradient or a parameter became NaN or infinite."""
+
+
+class TrainingPreempted(Exception):  # noqa: N818 (not an error: the run stopped on request)
+    """SIGTERM/SIGINT stopped the run after a checkpoint at ``step`` was saved."""
+
+    def __init__(self, step: int, signal_name: str, checkpoint_dir: str):
+        self.step, self.signal_name, self.checkpoint_dir = step, signal_name, checkpoint_dir
+        super().__init__(f"{signal_name} received: stopped at step {step} after saving a "
+                         f"checkpoint in {checkpoint_dir}; rerun the same command to resume.")
 
 
 # --------------------------------------------------------------------------- set-up
 
+def _distributed_settings(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The ``jax.distributed.initialize`` arguments the config (or env) asks for, else None.
+
+    ``config.coordinator_address`` ("host:port"; env ``CNNJAX_COORDINATOR_ADDRESS``),
+    ``config.num_processes`` (``CNNJAX_NUM_PROCESSES``) and ``config.process_id``
+    (``CNNJAX_PROCESS_ID``) name the processes explicitly (GPU clusters, or
+    several processes on one machine); ``config.distributed=True`` or
+    ``CNNJAX_DISTRIBUTED=1`` alone lets JAX discover them (TPU pod slices).
+    """
+    env = os.environ
+    address = str(config.get("coordinator_address", "") or
+                  env.get("CNNJAX_COORDINATOR_ADDRESS", ""))
+    wanted = (bool(config.get("distributed", False)) or env.get("CNNJAX_DISTRIBUTED") == "1"
+              or bool(address))
+    if not wanted:
+        return None
+    timeout = config.get("distributed_timeout_s", 300)
+    if not isinstance(timeout, int) or timeout <= 0:
+        raise ConfigError(f"--config.distributed_timeout_s={timeout!r} must be a positive "
+                          "number of seconds, e.g. --config.distributed_timeout_s=300.")
+    if not address:
+        return {"initialization_timeout": timeout}
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--config.coordinator_address={address!r} is not host:port; "
+                          "give the address of process 0, e.g. 10.0.0.2:8476.")
+
+    def number(field: str, env_name: str, default: int) -> int:
+        value = config.get(field, default)
+        if value == default and env.get(env_name, "") != "":
+            value = env[env_name]
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--config.{field}={value!r} is not an integer; e.g. "
+                              f"--config.{field}=0.") from None
+
+    num_processes = number("num_processes", "CNNJAX_NUM_PROCESSES", 0)
+    process_id = number("process_id", "CNNJAX_PROCESS_ID", -1)
+    if num_processes < 1:
+        raise ConfigError(f"--config.num_processes={num_processes} must be >= 1 with "
+                          "--config.coordinator_address; give the number of processes.")
+    if not 0 <= process_id < num_processes:
+        raise ConfigError(f"--config.process_id={process_id} must be in 0..{num_processes - 1}; "
+                          "give each process its own id (0 runs the coordinator).")
+    return {"coordinator_address": address, "num_processes": num_processes,
+            "process_id": process_id, "initialization_timeout": timeout}
+
+
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """``jax.distributed.initialize()`` when the run spans several processes.
 
-    Turned on by ``config.distributed`` or the environment variable
-    ``CNNJAX_DISTRIBUTED=1`` (set it on every host of a TPU pod slice; the
-    coordinator is discovered automatically there). Must run before any other
-    JAX call; a second call is a no-op.
+    See ``_distributed_settings`` for the fields. Must run before any other
+    JAX call; a second call is a no-op. If the other processes do not all
+    connect within ``config.distributed_timeout_s`` seconds, this process
+    prints one ``error:`` line and exits with status 2 (JAX itself would
+    abort with a C++ stack trace a little later).
     """
-    wanted = bool(config.get("distributed", False)) or os.environ.get("CNNJAX_DISTRIBUTED") == "1"
-    if not wanted:
+    settings = _distributed_settings(config)
+    if settings is None or jax.distributed.is_initialized():
         return
-    if not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    timeout = settings["initialization_timeout"]
+    who = (f"process {settings['process_id']} of {settings['num_processes']}"
+           if "process_id" in settings else "this process")
+    where = settings.get("coordinator_address", "the discovered coordinator")
+
+    def give_up() -> None:
+        sys.stderr.write(
+            f"error: {who} could not reach all processes through the coordinator at {where} "
+            f"within {timeout} s; start every process with the same "
+            "--config.coordinator_address and its own --config.process_id, or raise "
+            "--config.distributed_timeout_s.\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(**{**settings, "initialization_timeout": timeout + 30})
+    finally:
+        watchdog.cancel()
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -78,8 +160,16 @@ def _resolve_workdir(workdir: str, *, create: bool) -> str:
         try:
             os.makedirs(workdir, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"workdir {workdir!r} cannot be created ({err.strerror}); "
-                             "pass a writable --workdir.") from None
+            raise ConfigError(f"--workdir {workdir!r} cannot be created ({err.strerror}); "
+                              "pass a writable --workdir.") from None
+        probe = os.path.join(workdir, f".cnnjax-write-test-{os.getpid()}")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as err:
+            raise ConfigError(f"--workdir {workdir!r} is not writable ({err.strerror}); "
+                              "pass a writable --workdir.") from None
     return workdir
 
 
@@ -100,11 +190,77 @@ def compiler_options(config: ml_collections.ConfigDict, *,
     return {"xla_llvm_disable_expensive_passes": True}
 
 
+def _choice(field: str, value: Any, known: list[str] | tuple[str, ...]) -> None:
+    """ConfigError naming the closest known name unless ``value`` is one of ``known``."""
+    if value in known:
+        return
+    close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1, cutoff=0.4)
+    hint = f"did you mean --config.{field}={close[0]}? " if close else ""
+    raise ConfigError(f"--config.{field}={value!r} is unknown; {hint}known: "
+                      f"{', '.join(map(str, known))}.")
+
+
 def _validate(config: ml_collections.ConfigDict) -> None:
-    if config.num_epochs <= 0:
-        raise ValueError(f"num_epochs must be > 0, got {config.num_epochs}.")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype {config.dtype!r} is unknown; use one of {', '.join(DTYPES)}.")
+    """Checks every field a user sets before anything is built: one sentence per mistake."""
+    from cnnjax import models
+    from cnnjax.data.base import FITS
+
+    def need(ok: bool, field: str, rule: str, example: str) -> None:
+        if not ok:
+            raise ConfigError(f"--config.{field}={config_value(field)!r} {rule}; e.g. "
+                              f"--config.{field}={example}.")
+
+    def config_value(field: str) -> Any:
+        node = config
+        for part in field.split("."):
+            node = node[part]
+        return node
+
+    _choice("model", str(config.model).lower(), models.available())
+    dataset = str(config.dataset)
+    if dataset not in ("digits", "synthetic") and not (dataset.startswith("tfds:")
+                                                        and len(dataset) > 5):
+        _choice("dataset", dataset, ["digits", "synthetic", "tfds:mnist", "tfds:cifar10",
+                                     "tfds:imagenet2012"])
+    _choice("optimizer", config.optimizer, list(optim.OPTIMIZERS))
+    _choice("schedule", config.schedule, list(optim.SCHEDULES))
+    _choice("dtype", config.dtype, list(DTYPES))
+    _choice("image_fit", config.get("image_fit", "resize"), list(FITS))
+    need(config.num_epochs > 0, "num_epochs", "must be > 0", "10")
+    need(config.learning_rate > 0, "learning_rate", "must be > 0", "1e-3")
+    need(0 <= config.momentum < 1, "momentum", "must be in [0, 1)", "0.9")
+    need(config.weight_decay >= 0, "weight_decay", "must be >= 0", "5e-4")
+    need(config.warmup_epochs >= 0, "warmup_epochs", "must be >= 0", "0")
+    need(config.decay_factor > 0, "decay_factor", "must be > 0", "0.1")
+    need(config.dropout_rate < 1, "dropout_rate", "must be < 1 (or < 0 for the model's "
+         "default)", "0.5")
+    need(config.log_every_steps > 0, "log_every_steps", "must be > 0", "50")
+    need(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "must be > 0", "1000")
+    need(config.max_checkpoints_to_keep >= 0, "max_checkpoints_to_keep",
+         "must be >= 0 (0 keeps every checkpoint)", "3")
+    need(config.get("eval_every_epochs", 1) > 0, "eval_every_epochs", "must be > 0", "1")
+    need(config.get("data_workers", 0) >= 0, "data_workers", "must be >= 0", "0")
+    image_shape = tuple(config.get("image_shape", ()) or ())
+    if image_shape:
+        need(len(image_shape) == 3 and all(isinstance(v, int) and v > 0 for v in image_shape),
+             "image_shape", "must be three positive integers (height, width, channels)",
+             "32,32,1")
+    crop = config.augment.get("crop", 0) or 0
+    need(crop >= 0, "augment.crop", "must be >= 0 (0: no crop)", "0")
+    if crop and image_shape:
+        need(crop <= min(image_shape[:2]), "augment.crop",
+             f"is larger than the image ({image_shape[0]}x{image_shape[1]})",
+             str(min(image_shape[:2])))
+    init_from = config.get("init_from", "")
+    if init_from and "://" not in init_from:
+        need(os.path.isdir(os.path.expanduser(init_from)), "init_from",
+             "is not a directory (give the workdir of an earlier run)", "runs/lenet5_digits")
+    weights_path = config.get("weights", "")
+    if weights_path:
+        need(os.path.isfile(os.path.expanduser(weights_path)), "weights",
+             "is not a file (give a Keras .h5, torchvision .pth or .safetensors file)",
+             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    _choice("binary_labels", config.get("binary_labels", ""), ["", *LABEL_MAPS])
     mesh_lib.check_batch_size(config.batch_size)
     mesh_lib.check_batch_size(config.eval_batch_size, "eval_batch_size")
 
@@ -117,10 +273,55 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
 
     kwargs: dict[str, Any] = {"dtype": DTYPES[config.dtype]}
     if num_classes is not None:
-        kwargs["num_classes"] = num_classes
+        kwargs["num_classes"] = 2 if config.get("binary_labels", "") else num_classes
     if config.get("dropout_rate", -1.0) >= 0:
         kwargs["dropout_rate"] = float(config.dropout_rate)
+    transfer = {"freeze": config.get("freeze", ""), "base": config.get("transfer_base", ""),
+                "head": tuple(config.get("transfer_head", ()) or ())}
+    if isinstance(models.get(config.model), models.TransferModel):
+        if transfer["freeze"] and transfer["freeze"] not in ("base", "none"):
+            transfer["freeze"] = tuple(n.strip() for n in transfer["freeze"].split(",")
+                                       if n.strip())
+        kwargs.update({k: v for k, v in transfer.items() if v})
+    elif any(transfer.values()):
+        raise ConfigError(f"--config.freeze, transfer_base and transfer_head apply to transfer "
+                          f"models only, not {config.model!r}; use e.g. "
+                          "--config.model=vgg16_transfer.")
+    image_shape = tuple(config.get("image_shape", ()) or ())
+    if image_shape:  # the model checks it fits (e.g. "too small for conv1" in one sentence)
+        kwargs["input_shape"] = model_input_shape(config, image_shape)
     return models.get(config.model, **kwargs)
+
+
+# Label mappings of --config.binary_labels (10 classes -> 0/1), jittable.
+LABEL_MAPS = {
+    "lt5": lambda labels: (labels < 5).astype(labels.dtype),        # 1: classes 0-4
+    "even": lambda labels: (labels % 2 == 0).astype(labels.dtype),  # 1: even classes
+}
+
+
+def step_options(config: ml_collections.ConfigDict, info) -> dict[str, Any]:
+    """Steps' labels and input normalization: ``--config.binary_labels`` and, with
+    ``--config.weights``, the normalization those weights expect."""
+    mean, std = info.mean, info.std
+    if config.get("weights", ""):
+        from cnnjax import weights
+
+        mean, std = weights.input_normalization(os.path.expanduser(config.weights))
+    binary = config.get("binary_labels", "")
+    return {"num_classes": 2 if binary else info.num_classes, "mean": mean, "std": std,
+            "label_map": LABEL_MAPS[binary] if binary else None}
+
+
+def _load_weights(path: str, model, state: TrainState, sharding) -> TrainState:
+    """``--config.weights``: published weights put into the fresh parameters (the base
+    of a transfer model, else all of them)."""
+    from cnnjax import weights
+
+    path = os.path.expanduser(path)
+    params = weights.load_into(jax.device_get(state.params), model, path)
+    log.info("loaded weights from %s", path)
+    return state.replace(params=jax.device_put(params, sharding))
 
 
 def build_source(config: ml_collections.ConfigDict):
@@ -237,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- model, optimizer
     model = build_model(config, info.num_classes)
     schedule = optim.make_schedule(config, steps_per_epoch, total_steps)
-    tx = optim.make_optimizer(config, schedule)
+    tx = optim.with_frozen(optim.make_optimizer(config, schedule), model)
 
     # ---- sharding and init: shapes first, then parameters born where they live
     replicated = mesh_lib.replicated(mesh)
@@ -256,9 +457,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- steps, compiled in a background thread while the state is built or restored
     from cnnjax.data import augment
 
-    steps = Steps(model, tx, schedule, mesh=mesh, num_classes=info.num_classes,
-                  preprocess=augment.preprocess, augment_config=config.augment,
-                  mean=info.mean, std=info.std)
+    steps = Steps(model, tx, schedule, mesh=mesh, preprocess=augment.preprocess,
+                  augment_config=config.augment, **step_options(config, info))
     batches = iter(())
     compile_errors: list[BaseException] = []
     compiler = None
@@ -285,12 +485,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_dict = config.to_dict()
     try:
         if step0:
-            state, step = ckpt.restore(abstract_state, replicated, step0)
+            # Falls back to an older checkpoint when the newest is unreadable (warning).
+            state, step = ckpt.restore(abstract_state, replicated, step0,
+                                       config_dict=config_dict, quarantine=True)
             log.info("resumed from the checkpoint at step %d in %s", step, ckpt.directory)
+            if step != step0:
+                batches = source.train_batches(config.batch_size, seed=config.seed,
+                                               start_step=step,
+                                               process_index=jax.process_index(),
+                                               process_count=jax.process_count())
         else:
             state = jax.jit(init, out_shardings=replicated).lower(rng).compile(
                 compiler_options(config, run_once=True))(rng)
             step = 0
+            if config.get("weights", ""):
+                state = _load_weights(config.weights, model, state, replicated)
+            if config.get("init_from", ""):
+                state = _init_from(config.init_from, state, replicated)
         if compiler is not None:
             compiler.join()
         if compile_errors:
@@ -314,20 +525,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_saved = step if ckpt.latest_step() == step else -1
     warm = False
     evaluated_at = -1
+    # Preemption: own SIGTERM/SIGINT handler in one process; in several, orbax's
+    # sync point (JAX's preemption notifier) so that every process stops at one step.
+    multi_process = jax.process_count() > 1
+    stop_requests = _StopRequests(enabled=not multi_process)
 
     def flush(upto_step: int) -> None:
-        """Fetches pending metrics, stops on a non-finite loss, updates the bar."""
+        """Fetches pending metrics, stops on a non-finite value, updates the bar."""
         nonlocal pending
         if not pending:
             return
         fetched = jax.device_get(pending)
         first = upto_step - len(pending)
         for i, m in enumerate(fetched):
-            if not math.isfinite(float(m["loss_sum"])):
-                raise NonFiniteLossError(
-                    f"the training loss became {float(m['loss_sum'])} at step {first + i + 1}; "
-                    "lower --config.learning_rate or check the data (the last checkpoint "
-                    "is left as it was).")
+            _check_finite(m, first + i + 1, last_saved, ckpt.directory)
             for k in ("loss_sum", "correct", "count"):
                 epoch_sums[k] = epoch_sums.get(k, 0.0) + float(m[k])
                 interval_sums[k] = interval_sums.get(k, 0.0) + float(m[k])
@@ -349,7 +560,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 warm = True
                 interval_start, interval_images = time.time(), 0
             epoch_end = step % steps_per_epoch == 0
-            save_now = (step % config.checkpoint_every_steps == 0) or step == stop_at
+            stop_signal = (("SIGTERM" if ckpt.reached_preemption(step) else None)
+                           if multi_process else stop_requests.signal_name)
+            save_now = ((step % config.checkpoint_every_steps == 0) or step == stop_at
+                        or stop_signal is not None)
             if step % config.log_every_steps == 0 or epoch_end or save_now:
                 flush(step)
                 elapsed = max(time.time() - interval_start, 1e-9)
@@ -389,10 +603,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if save_now:
                 if ckpt.save(step, state, config_dict):
                     last_saved = step
+            if stop_signal is not None:
+                ckpt.wait()  # the checkpoint of this step is on disk before we exit
+                log.warning("%s: saved the checkpoint at step %d in %s; rerun the same "
+                            "command to resume", stop_signal, step, ckpt.directory)
+                raise TrainingPreempted(step, stop_signal, ckpt.directory)
     finally:
+        stop_requests.restore()
         progress.close()
-        ckpt.close()
-        writer.close()
+        try:
+            ckpt.close()
+        finally:
+            writer.close()
 
     if evaluated_at != step:  # stopped mid-epoch, or nothing left to train
         final.update(run_eval(steps, state.params, source, mesh, config.eval_batch_size))
@@ -402,6 +624,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info("done at step %d: %s", step, ", ".join(
         f"{k} {v:.4f}" for k, v in final.items() if k.startswith("test_")))
     return final
+
+
+# --------------------------------------------------------------------------- reliability
+
+class _StopRequests:
+    """SIGTERM/SIGINT -> ``signal_name`` is set; the loop finishes the step, saves, exits.
+
+    Installed only in the main thread of a single-process run (without
+    ``jax.distributed.initialize`` orbax never sees SIGTERM). A second signal
+    of the same kind acts as it would have without this handler (SIGINT:
+    KeyboardInterrupt; SIGTERM: the process dies; the checkpoints on disk
+    stay loadable either way).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, *, enabled: bool = True):
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None:  # asked twice: stop waiting
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, then saving a checkpoint and exiting",
+                    self.signal_name)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+
+def _check_finite(metrics: dict, step: int, last_saved: int, checkpoint_dir: str) -> None:
+    """Raises NonFiniteLossError if the loss, a gradient or a parameter of ``step`` is
+    NaN/Inf. Runs before every save, so no checkpoint holds non-finite values."""
+    loss = float(metrics["loss_sum"])
+    bad_grads = int(metrics.get("nonfinite_grads", 0))
+    bad_params = int(metrics.get("nonfinite_params", 0))
+    if math.isfinite(loss) and not bad_grads and not bad_params:
+        return
+    if not math.isfinite(loss):
+        what = f"the training loss became {loss}"
+    elif bad_grads:
+        what = f"{bad_grads} gradient values became NaN/Inf (the loss was finite)"
+    else:
+        what = f"{bad_params} parameters became NaN/Inf after the update"
+    kept = (f"the last checkpoint (step {last_saved}) in {checkpoint_dir} is left as it was"
+            if last_saved >= 0 else "no checkpoint was written")
+    raise NonFiniteLossError(f"{what} at step {step}; {kept}; lower --config.learning_rate "
+                             "or check the data, then rerun.")
+
+
+def _init_from(path: str, state: TrainState, sharding) -> TrainState:
+    """``--config.init_from``: the fresh state with every parameter of another run's
+    newest checkpoint that has the same name and shape."""
+    params, loaded, skipped = load_matching_params(path, state.params, sharding)
+    if not loaded:
+        raise CheckpointError(f"--config.init_from={path!r}: no parameter of that checkpoint "
+                              "has a name and shape of this model; pass a run of a related "
+                              "model.")
+    log.info("init_from %s: loaded %d parameter arrays", path, len(loaded))
+    if skipped:
+        log.warning("init_from %s: kept the fresh initialization of %d arrays: %s", path,
+                    len(skipped), ", ".join(skipped))
+    return state.replace(params=params)
 
 
 # --------------------------------------------------------------------------- eval
@@ -443,22 +736,22 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
         model = build_model(config, info.num_classes)
         schedule = optim.make_schedule(config, steps_per_epoch,
                                        int(config.num_epochs) * steps_per_epoch)
-        tx = optim.make_optimizer(config, schedule)
+        tx = optim.with_frozen(optim.make_optimizer(config, schedule), model)
         input_shape = model_input_shape(config, image_shape)
         abstract_state = jax.eval_shape(
             lambda key: create_state(model, tx, key, input_shape), jax.random.PRNGKey(0))
-        state, step = ckpt.restore(abstract_state, mesh_lib.replicated(mesh), step)
+        state, step = ckpt.restore(abstract_state, mesh_lib.replicated(mesh), step,
+                                   config_dict=config.to_dict())
     finally:
         ckpt.close()
     from cnnjax.data import augment
 
-    steps = Steps(model, tx, schedule, mesh=mesh, num_classes=info.num_classes,
-                  preprocess=augment.preprocess, augment_config=config.augment,
-                  mean=info.mean, std=info.std)
+    steps = Steps(model, tx, schedule, mesh=mesh, preprocess=augment.preprocess,
+                  augment_config=config.augment, **step_options(config, info))
     result = run_eval(steps, state.params, source, mesh, config.eval_batch_size, split)
     result["step"] = int(step)
     return result
 
 
 __all__ = ["train_and_evaluate", "evaluate", "run_eval", "NonFiniteLossError",
-           "TrainState"]
+           "TrainingPreempted", "TrainState"]

@@ -74,3 +74,23 @@ def make_optimizer(config: ml_collections.ConfigDict,
     if name == "adamw":
         return optax.adamw(schedule, weight_decay=wd, mask=_kernel_mask)
     raise ValueError(f"optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}.")
+
+
+def with_frozen(tx: optax.GradientTransformation, model) -> optax.GradientTransformation:
+    """``tx`` for the trainable parameters only, when ``model`` freezes some.
+
+    The labels come from :func:`cnnjax.models.trainable_mask` (the model's
+    ``is_trainable``, the same spec :func:`cnnjax.summary` reports): frozen
+    leaves get ``optax.set_to_zero()`` under ``optax.multi_transform``, so ``tx``
+    keeps no state for them (Adam's moments cover the trainable leaves only).
+    Models without ``is_trainable`` get ``tx`` unchanged.
+    """
+    if getattr(model, "is_trainable", None) is None:
+        return tx
+    from cnnjax.models import trainable_mask
+
+    def labels(params):
+        return jax.tree.map(lambda t: "trainable" if t else "frozen",
+                            trainable_mask(model, params))
+
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

@@ -4,9 +4,11 @@ Both are compiled once per run with explicit shardings (state replicated,
 batch split over the ``data`` axis) and the train step donates its input
 state. Augmentation runs inside the step, on device, so the host only ships
 uint8 images. The loss is softmax cross-entropy computed in float32 on the
-model's logits whatever the compute dtype; every metric is a masked *sum*
-(loss_sum, correct, top5_correct, count) so padded eval rows count for nothing
-and sums over batches and devices stay exact; divide at the end.
+model's logits whatever the compute dtype (binary cross-entropy from the logit,
+``optax.sigmoid_binary_cross_entropy``, for a model with one output and labels
+0/1); every metric is a masked *sum* (loss_sum, correct, top5_correct, count)
+so padded eval rows count for nothing and sums over batches and devices stay
+exact; divide at the end.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from cnnjax.models.transfer import trainable_mask
 from cnnjax.train import mesh as mesh_lib
 from cnnjax.train.state import TrainState, step_keys
 
@@ -32,14 +35,27 @@ def masked_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array,
     logits = logits.astype(jnp.float32)
     weights = mask.astype(jnp.float32)
     count = jnp.sum(weights)
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if logits.shape[-1] == 1:  # one logit: binary cross-entropy on labels 0/1
+        per_example = optax.sigmoid_binary_cross_entropy(logits[:, 0],
+                                                         labels.astype(jnp.float32))
+        predicted = (logits[:, 0] > 0).astype(labels.dtype)
+        with_top5 = False
+    else:
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        predicted = jnp.argmax(logits, axis=-1)
     loss_sum = jnp.sum(per_example * weights)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) * weights)
+    correct = jnp.sum((predicted == labels) * weights)
     metrics = {"loss_sum": loss_sum, "correct": correct, "count": count}
     if with_top5:
         _, top5 = jax.lax.top_k(logits, 5)
         metrics["top5_correct"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * weights)
     return loss_sum / jnp.maximum(count, 1.0), metrics
+
+
+def count_nonfinite(tree: Any) -> jax.Array:
+    """The number of NaN/Inf values in a pytree of arrays (an int32 scalar)."""
+    counts = [jnp.sum(~jnp.isfinite(x)).astype(jnp.int32) for x in jax.tree.leaves(tree)]
+    return sum(counts, jnp.zeros((), jnp.int32))
 
 
 class Steps:
@@ -49,14 +65,17 @@ class Steps:
     -> metrics``. ``batch`` is ``{"image": uint8 (B,H,W,C), "label": int32 (B,),
     "mask": bool (B,)}`` sharded over the mesh. ``traces`` counts how often
     each Python function was traced (it must stay 1: a second trace means a
-    silent recompile).
+    silent recompile). ``label_map`` (jittable) maps the batch's labels before
+    the loss, e.g. 10 digit classes to 0/1 (``loop.LABEL_MAPS``).
     """
 
     def __init__(self, model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                  mesh: Mesh, num_classes: int, preprocess: Callable[..., jax.Array],
-                 augment_config: ml_collections.ConfigDict, mean: Any, std: Any):
+                 augment_config: ml_collections.ConfigDict, mean: Any, std: Any,
+                 label_map: Callable[[jax.Array], jax.Array] | None = None):
         self.traces = {"train": 0, "eval": 0}
         with_top5 = num_classes > 5
+        relabel = label_map or (lambda labels: labels)
 
         def train_step(state: TrainState, batch: dict[str, jax.Array]):
             self.traces["train"] += 1
@@ -67,11 +86,18 @@ class Steps:
             def loss_fn(params):
                 logits = model.apply({"params": params}, images, train=True,
                                      rngs={"dropout": dropout_key})
-                return masked_metrics(logits, batch["label"], batch["mask"], with_top5)
+                return masked_metrics(logits, relabel(batch["label"]), batch["mask"], with_top5)
 
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            # Frozen parameters (the model's is_trainable) stay bit-for-bit: p + 0 is not
+            # always p (-0.0 + 0.0 == +0.0). Decided at trace time, so it costs nothing.
+            params = jax.tree.map(lambda t, new, old: new if t else old,
+                                  trainable_mask(model, params), params, state.params)
+            # Counted every step so that no non-finite state is ever checkpointed.
+            metrics["nonfinite_grads"] = count_nonfinite(grads)
+            metrics["nonfinite_params"] = count_nonfinite(params)
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
             return new_state, metrics
@@ -81,7 +107,7 @@ class Steps:
             images = preprocess(batch["image"], jax.random.PRNGKey(0), train=False,
                                 config=augment_config, mean=mean, std=std)
             logits = model.apply({"params": params}, images, train=False)
-            _, metrics = masked_metrics(logits, batch["label"], batch["mask"], with_top5)
+            _, metrics = masked_metrics(logits, relabel(batch["label"]), batch["mask"], with_top5)
             return metrics
 
         replicated = mesh_lib.replicated(mesh)
