@@ -1,0 +1,102 @@
+"""`cnnjax bench` and cnnjax.bench: the real step timed, FLOPs counted by hand, MFU sane."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cnnjax import bench, cli, models
+
+# LeNet-5 at 32x32x1 (the lecture's table), multiply-adds per image:
+#   conv1  5x5x1 -> 6,    output 28x28:  28*28 * 5*5*1*6    = 117,600
+#   conv2  5x5x6 -> 16,   output 10x10:  10*10 * 5*5*6*16   = 240,000
+#   conv3  5x5x16 -> 120, output 1x1:     1*1  * 5*5*16*120 =  48,000
+#   fc1    120 -> 84:                                 120*84 =  10,080
+#   fc2    84 -> 10:                                   84*10 =     840
+LENET5_MACS = 28 * 28 * 5 * 5 * 1 * 6 + 10 * 10 * 5 * 5 * 6 * 16 + 5 * 5 * 16 * 120 \
+    + 120 * 84 + 84 * 10
+LENET5_FORWARD_FLOPS = 2 * LENET5_MACS
+
+
+def test_hand_count_of_lenet5():
+    assert LENET5_MACS == 416_520
+    rows = bench.layer_macs(models.get("lenet5"))
+    assert [r["name"] for r in rows] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert [r["macs"] for r in rows] == [117_600, 240_000, 48_000, 10_080, 840]
+    assert bench.model_flops_per_image(models.get("lenet5"), "infer") == LENET5_FORWARD_FLOPS
+    assert bench.model_flops_per_image(models.get("lenet5"), "train") == 3 * LENET5_FORWARD_FLOPS
+
+
+def test_alexnet_and_vgg16_forward_flops():
+    # Published figures: AlexNet (ungrouped) ~1.14 GMACs, VGG-16 ~15.47 GMACs per image.
+    alex = bench.model_flops_per_image(models.get("alexnet"), "infer") / 2
+    vgg = bench.model_flops_per_image(models.get("vgg16"), "infer") / 2
+    assert 1.0e9 < alex < 1.2e9
+    assert vgg == pytest.approx(15.47e9, rel=0.01)
+
+
+def _check_sane(result, mode, batch):
+    for key in ("model", "mode", "batch", "dtype", "device", "images_per_sec", "step_time_s",
+                "compile_s", "flops_per_image", "achieved_flops", "peak_flops", "mfu"):
+        assert key in result, key
+    assert result["mode"] == mode and result["batch"] == batch
+    assert result["model"] == "lenet5" and result["dtype"] == "float32"
+    assert result["images_per_sec"] > 0 and math.isfinite(result["images_per_sec"])
+    assert result["step_time_s"] > 0 and result["compile_s"] > 0
+    assert result["images_per_sec"] == pytest.approx(batch / result["step_time_s"])
+    expected = LENET5_FORWARD_FLOPS * (3 if mode == "train" else 1)
+    assert result["flops_per_image"] == expected
+    # XLA's own count of the compiled step agrees within the uncounted extras
+    # (bias, tanh, pooling, loss, optimizer).
+    assert result["xla_flops_per_image"] == pytest.approx(expected, rel=0.25)
+    assert result["achieved_flops"] == pytest.approx(expected * result["images_per_sec"])
+    assert result["peak_flops"] > 1e9
+    assert 0 < result["mfu"] <= 1
+    assert result["step_time_min_s"] <= result["step_time_s"] <= result["step_time_max_s"]
+
+
+@pytest.mark.parametrize("mode,batch", [("train", 32), ("infer", 256)])
+def test_cli_json(mode, batch, capsys):
+    rc = cli.main(["bench", "--model", "lenet5", "--batch", str(batch), "--mode", mode,
+                   "--steps", "3", "--warmup", "1", "--json"])
+    assert rc == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1
+    _check_sane(json.loads(lines[0]), mode, batch)
+
+
+def test_cli_text_report_and_errors(capsys):
+    assert cli.main(["bench", "--batch", "16", "--steps", "2", "--mode", "infer"]) == 0
+    out = capsys.readouterr().out
+    for word in ("images/s", "step time", "compile", "FLOPs/image", "MFU", "peak memory"):
+        assert word in out
+    assert cli.main(["bench", "--model", "resnet", "--steps", "1"]) == 2
+    assert "resnet" in capsys.readouterr().err
+    assert cli.main(["bench", "--batch", "0"]) == 2
+    assert "batch=0" in capsys.readouterr().err
+
+
+def test_peer_torch():
+    pytest.importorskip("torch")
+    result = bench.run_benchmark("lenet5", 32, "train", steps=3, warmup=1, peer="torch")
+    _check_sane(result, "train", 32)
+    assert result["peer"] == "torch" and result["peer_images_per_sec"] > 0
+    assert result["speedup_vs_peer"] == pytest.approx(
+        result["images_per_sec"] / result["peer_images_per_sec"])
+    assert 0 < result["peer_mfu"] <= 1
+    assert "cnnjax / torch" in bench.format_result(result)
+
+
+def test_torch_peers_match_the_parameter_counts():
+    torch = pytest.importorskip("torch")
+    from cnnjax import bench_torch
+
+    for name, params in (("lenet5", 61_706), ("alexnet", 62_378_344), ("vgg16", 138_357_544)):
+        model = models.get(name)
+        peer = bench_torch.build_model(name, model.num_classes, model.input_shape)
+        assert sum(p.numel() for p in peer.parameters()) == params, name
+    with torch.inference_mode():
+        out = bench_torch.build_model("lenet5", 10, (32, 32, 1))(torch.zeros(2, 1, 32, 32))
+    assert tuple(out.shape) == (2, 10)
