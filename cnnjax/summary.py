@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax._tree import path_names
+
 __all__ = ["Summary", "SummaryRow", "summary", "format_bytes"]
 
 
@@ -137,18 +139,6 @@ def _trainable_predicate(trainable, frozen) -> Callable[[tuple[str, ...]], bool]
     return lambda path: path[0] in names
 
 
-def _path_names(path) -> tuple[str, ...]:
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-        else:
-            names.append(str(key))
-    return tuple(names)
-
-
 def summary(
     model: nn.Module,
     input_shape: Sequence[int] | None = None,
@@ -216,7 +206,7 @@ def summary(
     total = trainable_count = 0
     total_b = trainable_b = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = _path_names(path)
+        names = path_names(path)
         size = int(np.prod(leaf.shape))
         nbytes = size * jnp.dtype(leaf.dtype).itemsize
         per_layer[names[0]] = per_layer.get(names[0], 0) + size

@@ -53,22 +53,10 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import layers as L
+from cnnjax._tree import path_names
 from cnnjax.models.base import _check_input_shape
 
 __all__ = ["TransferModel", "trainable_mask", "path_names", "transfer", "vgg16_transfer"]
-
-
-def path_names(path) -> tuple[str, ...]:
-    """A ``jax.tree_util`` key path as plain strings: ``("vgg16", "block1_conv1", "kernel")``."""
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-        else:
-            names.append(str(key))
-    return tuple(names)
 
 
 def trainable_mask(model: nn.Module, params: Mapping) -> Any:

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 def default_config() -> ml_collections.ConfigDict:
     """The default experiment (LeNet-5 on digits), importable from the package."""
-    from cnnjax.train.default_config import get_config
+    from cnnjax.train.defaults import get_config
 
     return get_config()
 

@@ -22,7 +22,7 @@ accuracy); about 90 epochs x 10k steps.
 """
 
 from cnnjax.data import augment
-from cnnjax.train.default_config import get_config as _default
+from cnnjax.train.defaults import get_config as _default
 
 
 def get_config():

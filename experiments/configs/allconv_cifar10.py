@@ -18,7 +18,7 @@ experiments/ for recorded results).
 """
 
 from cnnjax.data import augment
-from cnnjax.train.default_config import get_config as _default
+from cnnjax.train.defaults import get_config as _default
 
 
 def get_config():

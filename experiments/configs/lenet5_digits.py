@@ -1,6 +1,6 @@
 """LeNet-5 on the embedded UCI digits (1,797 8x8 images resized to 32x32): the default.
 
-The config itself lives in the package (``cnnjax/train/default_config.py``)
+The config itself lives in the package (``cnnjax/train/defaults.py``)
 so that ``cnnjax train`` without ``--config`` works after any install; this
 file re-exports it so every experiment sits in one folder.
 
@@ -11,9 +11,9 @@ Command (either line)::
 
 Expected result: 98.9% test accuracy (355 of 359 held-out digits) after
 15 epochs; about 12 s for the whole process on a 2-core CPU (24 s when the
-CPU is shared with other jobs); see cnnjax/train/default_config.py.
+CPU is shared with other jobs); see cnnjax/train/defaults.py.
 """
 
-from cnnjax.train.default_config import get_config
+from cnnjax.train.defaults import get_config
 
 __all__ = ["get_config"]

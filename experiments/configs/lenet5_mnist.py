@@ -14,7 +14,7 @@ on a 2-core CPU, seconds on a GPU.
 """
 
 from cnnjax.data import augment
-from cnnjax.train.default_config import get_config as _default
+from cnnjax.train.defaults import get_config as _default
 
 
 def get_config():

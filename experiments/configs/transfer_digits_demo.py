@@ -22,7 +22,7 @@ that never trains; whole process about 15 s on a 2-core CPU. A pretrained base
 to end on the 10 classes reaches 98.9% (lenet5_digits.py).
 """
 
-from cnnjax.train.default_config import get_config as _default
+from cnnjax.train.defaults import get_config as _default
 
 
 def get_config():

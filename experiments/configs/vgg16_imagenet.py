@@ -19,7 +19,7 @@ weeks on one GPU, about a day on a v3-32/v4-32 slice.
 """
 
 from cnnjax.data import augment
-from cnnjax.train.default_config import get_config as _default
+from cnnjax.train.defaults import get_config as _default
 
 
 def get_config():

@@ -34,7 +34,7 @@ trains only the head on random features.
 """
 
 from cnnjax.data import augment
-from cnnjax.train.default_config import get_config as _default
+from cnnjax.train.defaults import get_config as _default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """VGG19 on ImageNet-1k on a Cloud TPU pod slice (e.g. v4-32: 4 hosts, 16 chips).
 
-Overrides vgg19_imagenet.py for the pod: a global batch of 2048 (128 per chip
+Overrides vgg16_imagenet_tpu.py with the 19-layer net; the same pod recipe: a global batch of 2048 (128 per chip
 on 16 chips), bfloat16 compute with float32 parameters, the learning rate
 scaled linearly with the batch (0.01 x 2048 / 256) after a 5-epoch warmup,
 and one process per host (`jax.distributed.initialize()`).
@@ -20,13 +20,8 @@ from cnnjax.train.config import load_config_file
 
 
 def get_config():
-    config = load_config_file(os.path.join(os.path.dirname(__file__), "vgg19_imagenet.py"))
+    # The pod recipe is VGG-16's (vgg16_imagenet_tpu.py) with the 19-layer net.
+    config = load_config_file(os.path.join(os.path.dirname(__file__), "vgg16_imagenet_tpu.py"))
     config.name = "vgg19_imagenet_tpu"
-    config.batch_size = 2048
-    config.eval_batch_size = 2048
-    config.dtype = "bfloat16"
-    config.learning_rate = 0.08
-    config.warmup_epochs = 5.0
-    config.distributed = True
-    config.data_workers = 32
+    config.model = "vgg19"
     return config
