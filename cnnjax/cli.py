@@ -60,8 +60,25 @@ def _load_config(args: argparse.Namespace):
     return apply_overrides(config, args.config_overrides)
 
 
+# Exit statuses of `cnnjax train` / `cnnjax eval` (docs/reliability.md).
+EXIT_OK = 0            # finished
+EXIT_USER_ERROR = 2    # a mistake to fix (config, data, paths, disk full, checkpoint that
+                       # does not fit, processes that never connected); one `error:` line
+EXIT_NON_FINITE = 3    # NaN/Inf loss, gradient or parameter; the last checkpoint is intact
+EXIT_PREEMPTED = 75    # SIGTERM/SIGINT: checkpoint saved at the current step; rerun to resume
+                       # (75 = EX_TEMPFAIL: "try again later")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def _run_reporting_errors(args: argparse.Namespace, fn) -> int:
-    """Runs ``fn()``; a user mistake becomes one ``error:`` line and status 2."""
+    """Runs ``fn()``; a user mistake becomes one ``error:`` line and status 2.
+
+    A non-finite value gives status 3, a preemption (SIGTERM/SIGINT after the
+    checkpoint was saved) status 75; ``--debug`` shows the traceback instead.
+    """
     import logging
 
     logger = logging.getLogger("cnnjax")  # orbax/absl keep their own (WARNING) level
@@ -72,18 +89,32 @@ def _run_reporting_errors(args: argparse.Namespace, fn) -> int:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    from cnnjax.train.loop import TrainingPreempted
+
     try:
         return fn()
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except TrainingPreempted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except (ValueError, OSError, ImportError) as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            from cnnjax.train.checkpoint import is_disk_full
+
+            what = ("the disk is full" if is_disk_full(err) else
+                    err.strerror or type(err).__name__)
+            where = f" at {err.filename}" if err.filename else ""
+            print(f"error: {what}{where} ({_one_line(err)}); free space or fix the path "
+                  "and rerun the same command (saved checkpoints are kept).", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except FloatingPointError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_NON_FINITE
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -138,6 +169,10 @@ def _add_train_commands(sub) -> None:
                        help="checkpoints, metrics.jsonl, tensorboard/ (default runs/<config>); "
                             "an existing one is resumed")
     train.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    train.epilog = ("exit status: 0 finished; 2 a mistake to fix (one error: line); 3 NaN/Inf "
+                    "loss or gradient (last checkpoint intact); 75 stopped by SIGTERM/SIGINT "
+                    "after saving a checkpoint: rerun the same command to resume. See "
+                    "docs/reliability.md.")
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser(

@@ -66,8 +66,18 @@ def _open(tfds, name: str, split: str, data_dir):
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except tfds.core.registered.DatasetNotFoundError as e:
+        import difflib
+
+        base = name.split(":")[0]
+        try:
+            # (tfds.list_builders() imports TensorFlow; the registry does not.)
+            names = tfds.core.registered.list_imported_builders()
+            close = difflib.get_close_matches(base, names, n=1, cutoff=0.6)
+        except Exception:  # the suggestion is a courtesy
+            close = []
+        hint = f"did you mean --config.dataset=tfds:{close[0]}? or " if close else ""
         raise DataConfigError(
-            f"name='tfds:{name}': tfds has no dataset called '{name.split(':')[0]}'; "
+            f"name='tfds:{name}': tfds has no dataset called '{base}'; {hint}"
             "see https://www.tensorflow.org/datasets/catalog for the names."
         ) from e
     except (NotImplementedError, FileNotFoundError, OSError, AssertionError) as e:

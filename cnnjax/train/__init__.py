@@ -12,9 +12,15 @@ from cnnjax.train.config import (
     default_config,
     load_config_file,
 )
-from cnnjax.train.loop import NonFiniteLossError, evaluate, stored_config, train_and_evaluate
+from cnnjax.train.loop import (
+    NonFiniteLossError,
+    TrainingPreempted,
+    evaluate,
+    stored_config,
+    train_and_evaluate,
+)
 from cnnjax.train.state import TrainState
 
 __all__ = ["train_and_evaluate", "evaluate", "stored_config", "TrainState", "ConfigError",
-           "CheckpointError", "NonFiniteLossError", "apply_overrides", "default_config",
-           "load_config_file"]
+           "CheckpointError", "NonFiniteLossError", "TrainingPreempted", "apply_overrides",
+           "default_config", "load_config_file"]

@@ -707,7 +707,7 @@ def stored_config(workdir: str) -> ml_collections.ConfigDict:
         if step is None:
             raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first with "
                                   f"`cnnjax train --workdir {workdir}`.")
-        return ml_collections.ConfigDict(ckpt.restore_config(step))
+        return ml_collections.ConfigDict(ckpt.restore_config())  # (newest readable)
     finally:
         ckpt.close()
 
@@ -727,7 +727,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
             raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first with "
                                   f"`cnnjax train --workdir {workdir}`.")
         if config is None:
-            config = ml_collections.ConfigDict(ckpt.restore_config(step))
+            config = ml_collections.ConfigDict(ckpt.restore_config())  # (newest readable)
         mesh_lib.check_batch_size(config.eval_batch_size, "eval_batch_size")
         mesh = mesh_lib.make_mesh()
         source, image_shape = build_source(config)

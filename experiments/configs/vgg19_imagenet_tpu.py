@@ -1,7 +1,8 @@
 """VGG19 on ImageNet-1k on a Cloud TPU pod slice (e.g. v4-32: 4 hosts, 16 chips).
 
-Overrides vgg16_imagenet_tpu.py with the 19-layer net; the same pod recipe: a global batch of 2048 (128 per chip
-on 16 chips), bfloat16 compute with float32 parameters, the learning rate
+Overrides vgg16_imagenet_tpu.py with the 19-layer net; the same pod recipe:
+a global batch of 2048 (128 per chip on 16 chips), bfloat16 compute with
+float32 parameters, the learning rate
 scaled linearly with the batch (0.01 x 2048 / 256) after a 5-epoch warmup,
 and one process per host (`jax.distributed.initialize()`).
 
