@@ -613,37 +613,12 @@ def restore_run(workdir: str | os.PathLike) -> RunArtifacts:
 
     Uses the config stored beside the checkpoint, so only the workdir is needed.
     """
-    import jax
-    import ml_collections
+    from cnnjax.train.loop import restore_run as restore
 
-    from cnnjax.train import mesh as mesh_lib
-    from cnnjax.train import optim
-    from cnnjax.train.checkpoint import CheckpointError, Checkpoints
-    from cnnjax.train.loop import build_model, build_source, model_input_shape
-    from cnnjax.train.state import create_state
-
-    workdir = os.path.abspath(os.fspath(workdir))
-    ckpt = Checkpoints(workdir, read_only=True)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first with "
-                                  f"`cnnjax train --workdir {workdir}`.")
-        config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        source, image_shape = build_source(config)
-        model = build_model(config, source.info.num_classes)
-        steps_per_epoch = source.steps_per_epoch(config.batch_size)
-        schedule = optim.make_schedule(config, steps_per_epoch,
-                                       int(config.num_epochs) * steps_per_epoch)
-        tx = optim.make_optimizer(config, schedule)
-        input_shape = model_input_shape(config, image_shape)
-        abstract = jax.eval_shape(lambda key: create_state(model, tx, key, input_shape),
-                                  jax.random.PRNGKey(0))
-        state, step = ckpt.restore(abstract, mesh_lib.replicated(mesh_lib.make_mesh()), step)
-    finally:
-        ckpt.close()
-    return RunArtifacts(model=model, variables={"params": state.params}, config=config,
-                        source=source, step=int(step), input_shape=tuple(input_shape))
+    run = restore(os.fspath(workdir))
+    return RunArtifacts(model=run.model, variables={"params": run.state.params},
+                        config=run.config, source=run.source, step=run.step,
+                        input_shape=run.input_shape)
 
 
 def _preprocess(run: Mapping, images):

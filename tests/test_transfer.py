@@ -138,6 +138,15 @@ def test_demo_training_keeps_the_base_bit_for_bit(tmp_path):
     assert not np.array_equal(after["dense_1"]["kernel"], before["dense_1"]["kernel"])
     assert not np.array_equal(after["predictions"]["bias"], before["predictions"]["bias"])
     assert result["step"] == 4 and 0.0 <= result["test_accuracy"] <= 1.0
+    # The run restores for evaluation and pictures (frozen optimizer state included).
+    from cnnjax import viz
+
+    run = viz.restore_run(tmp_path)
+    assert run["step"] == 4
+    for a, b in zip(jax.tree.leaves(jax.device_get(run["variables"]["params"])),
+                    jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert loop.evaluate(None, str(tmp_path))["test_accuracy"] == result["test_accuracy"]
 
 
 def test_keras_notop_weights_load_into_the_base(tmp_path, rng):

@@ -14,13 +14,16 @@ from cnnjax.train.config import (
 )
 from cnnjax.train.loop import (
     NonFiniteLossError,
+    RestoredRun,
     TrainingPreempted,
     evaluate,
+    restore_run,
     stored_config,
     train_and_evaluate,
 )
 from cnnjax.train.state import TrainState
 
-__all__ = ["train_and_evaluate", "evaluate", "stored_config", "TrainState", "ConfigError",
+__all__ = ["train_and_evaluate", "evaluate", "restore_run", "RestoredRun", "stored_config",
+           "TrainState", "ConfigError",
            "CheckpointError", "NonFiniteLossError", "TrainingPreempted", "apply_overrides",
            "default_config", "load_config_file"]

@@ -9,6 +9,7 @@ with the same parameters as one that never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import logging
@@ -712,13 +713,24 @@ def stored_config(workdir: str) -> ml_collections.ConfigDict:
         ckpt.close()
 
 
-def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
-             split: str = "test") -> dict[str, Any]:
-    """Evaluates the newest checkpoint in ``workdir`` on ``split``.
+@dataclasses.dataclass
+class RestoredRun:
+    """The newest checkpoint of a run, rebuilt: what ``evaluate`` and ``cnnjax.viz`` need."""
 
-    ``config=None`` uses the config stored beside the checkpoint.
-    """
-    maybe_initialize_distributed(config or ml_collections.ConfigDict())
+    config: ml_collections.ConfigDict
+    model: Any
+    tx: Any
+    schedule: Any
+    state: TrainState
+    step: int
+    source: Any
+    input_shape: tuple[int, ...]
+    mesh: Any
+
+
+def restore_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> RestoredRun:
+    """Rebuilds the model, optimizer and data source of ``workdir``'s run and restores its
+    newest readable checkpoint onto the mesh. ``config=None`` uses the stored config."""
     workdir = _resolve_workdir(workdir, create=False)
     ckpt = Checkpoints(workdir, read_only=True)
     try:
@@ -728,12 +740,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                                   f"`cnnjax train --workdir {workdir}`.")
         if config is None:
             config = ml_collections.ConfigDict(ckpt.restore_config())  # (newest readable)
-        mesh_lib.check_batch_size(config.eval_batch_size, "eval_batch_size")
         mesh = mesh_lib.make_mesh()
         source, image_shape = build_source(config)
-        info = source.info
         steps_per_epoch = source.steps_per_epoch(config.batch_size)
-        model = build_model(config, info.num_classes)
+        model = build_model(config, source.info.num_classes)
         schedule = optim.make_schedule(config, steps_per_epoch,
                                        int(config.num_epochs) * steps_per_epoch)
         tx = optim.with_frozen(optim.make_optimizer(config, schedule), model)
@@ -744,14 +754,31 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                                    config_dict=config.to_dict())
     finally:
         ckpt.close()
+    return RestoredRun(config=config, model=model, tx=tx, schedule=schedule, state=state,
+                       step=int(step), source=source, input_shape=tuple(input_shape),
+                       mesh=mesh)
+
+
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
+             split: str = "test") -> dict[str, Any]:
+    """Evaluates the newest checkpoint in ``workdir`` on ``split``.
+
+    ``config=None`` uses the config stored beside the checkpoint.
+    """
+    maybe_initialize_distributed(config or ml_collections.ConfigDict())
+    run = restore_run(workdir, config)
+    config = run.config
+    mesh_lib.check_batch_size(config.eval_batch_size, "eval_batch_size")
     from cnnjax.data import augment
 
-    steps = Steps(model, tx, schedule, mesh=mesh, preprocess=augment.preprocess,
-                  augment_config=config.augment, **step_options(config, info))
-    result = run_eval(steps, state.params, source, mesh, config.eval_batch_size, split)
-    result["step"] = int(step)
+    steps = Steps(run.model, run.tx, run.schedule, mesh=run.mesh,
+                  preprocess=augment.preprocess, augment_config=config.augment,
+                  **step_options(config, run.source.info))
+    result = run_eval(steps, run.state.params, run.source, run.mesh, config.eval_batch_size,
+                      split)
+    result["step"] = run.step
     return result
 
 
-__all__ = ["train_and_evaluate", "evaluate", "run_eval", "NonFiniteLossError",
-           "TrainingPreempted", "TrainState"]
+__all__ = ["train_and_evaluate", "evaluate", "restore_run", "RestoredRun", "run_eval",
+           "NonFiniteLossError", "TrainingPreempted", "TrainState"]
