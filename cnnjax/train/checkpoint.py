@@ -36,6 +36,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cnnjax._tree import path_names
+
 log = logging.getLogger("cnnjax.train")
 
 # Config fields that do not change what a checkpoint holds: left out of the
@@ -112,15 +114,7 @@ def config_differences(stored: dict, current: dict, *, skip=RUN_ONLY_FIELDS,
 
 
 def _path_name(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
+    return "/".join(path_names(path))
 
 
 class Checkpoints:
