@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -48,10 +49,17 @@ class DatasetInfo:
     class_names: tuple[str, ...] | None = None
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of the train split in ``epoch``: a pure function of (seed, epoch)."""
+    """The shuffled order of the train split in ``epoch``: a pure function of (seed, epoch).
+
+    Cached (read-only), so the steps of one epoch share one permutation instead
+    of recomputing it per batch.
+    """
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)])))
-    return rng.permutation(num_examples)
+    order = rng.permutation(int(num_examples))
+    order.flags.writeable = False
+    return order
 
 
 def check_process(global_batch_size: int, process_index: int, process_count: int) -> int:
