@@ -309,6 +309,56 @@ def test_matches_torch(x64, kernel, stride, padding):
                                    rtol=1e-10, atol=1e-12)
 
 
+def _tied_values(seed, shape):
+    """ReLU of values rounded to 0.5: many windows hold ties, zeros above all."""
+    x = np.round(np.random.default_rng(seed).standard_normal(shape) * 2) / 2
+    return np.maximum(x, 0.0)
+
+
+def _max_pool_lax(x, window, stride, padding):
+    """max pooling through lax.reduce_window and JAX's own derivative (the reference)."""
+    from jax import lax
+
+    from cnnjax.shapes import normalize_padding
+
+    f, s = _pair(window), _pair(stride)
+    pads = normalize_padding(padding, x.shape[1:3], f, s)
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *f, 1), (1, *s, 1), ((0, 0), *pads, (0, 0)))
+
+
+@pytest.mark.parametrize("window,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, "SAME"),
+                                                   ((3, 2), (2, 1), ((1, 0), (0, 1)))])
+def test_max_pool_ties_match_lax_autodiff(x64, window, stride, padding):
+    """With ties, every window's gradient goes to its first maximum, as XLA's own rule."""
+    x = jnp.asarray(_tied_values(6, (2, 9, 8, 3)))
+    g = jnp.asarray(np.random.default_rng(7).standard_normal(
+        _max_pool_lax(x, window, stride, padding).shape))
+    y, vjp = jax.vjp(lambda x: max_pool(x, window, stride, padding), x)
+    y_ref, vjp_ref = jax.vjp(lambda x: _max_pool_lax(x, window, stride, padding), x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+
+
+def test_max_pool_ties_match_torch(x64):
+    torch = pytest.importorskip("torch")
+    x = _tied_values(8, (2, 11, 10, 4))
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    ty = torch.nn.functional.max_pool2d(tx, 3, 2, 1)
+    gy = np.random.default_rng(9).standard_normal(tuple(ty.shape))
+    ty.backward(torch.tensor(gy))
+    _, vjp = jax.vjp(lambda x: max_pool(x, 3, 2, 1), jnp.asarray(x))
+    np.testing.assert_allclose(vjp(jnp.asarray(gy.transpose(0, 2, 3, 1)))[0],
+                               tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_max_pool_forward_mode(x64):
+    """Forward- and reverse-mode derivatives, to second order, against finite differences."""
+    x = jnp.asarray(distinct_values(np.random.default_rng(10), (2, 6, 7, 2)))
+    check_grads(lambda x: max_pool(x, 3, 2, 1), (x,), order=2, modes=["fwd", "rev"])
+    jvp = jax.jvp(lambda x: max_pool(x, 2), (x,), (jnp.ones_like(x),))[1]
+    np.testing.assert_array_equal(jvp, np.ones((2, 3, 3, 2)))
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -58,6 +58,26 @@ def count_nonfinite(tree: Any) -> jax.Array:
     return sum(counts, jnp.zeros((), jnp.int32))
 
 
+def has_nonfinite(tree: Any) -> jax.Array:
+    """True if a value of the pytree may be NaN or +-Inf (a bool scalar), in one cheap pass.
+
+    A sum is NaN or +-Inf whenever one of its terms is, so one float sum per
+    array flags every non-finite value without materialising a mask (counting
+    writes an int32 copy of each array: 10x slower on XLA:CPU). The only false
+    alarm is a finite array whose sum overflows; :func:`nonfinite_count_if_any`
+    then counts exactly.
+    """
+    flags = [~jnp.isfinite(jnp.sum(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
+
+
+def nonfinite_count_if_any(tree: Any) -> jax.Array:
+    """count_nonfinite(tree), but only counted (by a lax.cond) when has_nonfinite says so."""
+    return jax.lax.cond(has_nonfinite(tree), count_nonfinite,
+                        lambda t: jnp.zeros((), jnp.int32), tree)
+
+
 class Steps:
     """Builds and holds the jitted ``train_step`` and ``eval_step`` of one run.
 
@@ -96,8 +116,8 @@ class Steps:
             params = jax.tree.map(lambda t, new, old: new if t else old,
                                   trainable_mask(model, params), params, state.params)
             # Counted every step so that no non-finite state is ever checkpointed.
-            metrics["nonfinite_grads"] = count_nonfinite(grads)
-            metrics["nonfinite_params"] = count_nonfinite(params)
+            metrics["nonfinite_grads"] = nonfinite_count_if_any(grads)
+            metrics["nonfinite_params"] = nonfinite_count_if_any(params)
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
             return new_state, metrics
