@@ -21,6 +21,7 @@ from cnnjax.shapes import ShapeError
 DN = ("NHWC", "HWIO", "NHWC")
 # Every weight-gradient formulation the module offers (besides "auto") is tested.
 WGRAD_IMPLS = [i for i in conv_module._WGRAD_IMPLS if i != "auto"]
+DGRAD_IMPLS = [i for i in conv_module._DGRAD_IMPLS if i != "auto"]
 
 # --------------------------------------------------------------------------- references
 
@@ -170,9 +171,10 @@ def _check_vjp_against_lax(stride, padding, dilation, impls):
     ref_y, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w, stride, padding, dilation), x, w)
     g = jnp.asarray(rng.standard_normal(ref_y.shape))
     ref_dx, ref_dw = ref_vjp(g)
-    for dil_impl, wg_impl in impls:
+    for dil_impl, wg_impl, *dg_impl in impls:
         f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
-                              dilation_impl=dil_impl, weight_grad_impl=wg_impl)
+                              dilation_impl=dil_impl, weight_grad_impl=wg_impl,
+                              input_grad_impl=dg_impl[0] if dg_impl else "auto")
         y, vjp = jax.vjp(f, x, w)
         dx, dw = vjp(g)
         np.testing.assert_allclose(y, ref_y, rtol=1e-10, atol=1e-10)
@@ -200,6 +202,115 @@ def test_vjp_each_impl_matches_lax_autodiff(x64, stride, padding, dilation, dila
                                             weight_grad_impl):
     # space_to_batch is only used at stride 1 (it falls back to native otherwise).
     _check_vjp_against_lax(stride, padding, dilation, [(dilation_impl, weight_grad_impl)])
+
+
+@pytest.mark.parametrize("forward_impl", ["xla", "direct"])
+@pytest.mark.parametrize("stride,padding,dilation", GRID)
+def test_forward_impls_match_numpy_loop(x64, stride, padding, dilation, forward_impl):
+    rng = np.random.default_rng(19)
+    x, w = rng.standard_normal((2, 9, 8, 2)), rng.standard_normal((2, 3, 2, 3))
+    y = conv2d(jnp.asarray(x), jnp.asarray(w), stride=stride, padding=padding,
+               dilation=dilation, forward_impl=forward_impl)
+    ref = conv_numpy(x, w, stride, padding, dilation)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_direct_forward_accumulates_bfloat16_in_float32():
+    rng = np.random.default_rng(20)
+    x = jnp.asarray(rng.standard_normal((2, 12, 12, 3)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 8)), jnp.bfloat16)
+    y = conv2d(x, w, padding=1, forward_impl="direct")
+    assert y.dtype == jnp.bfloat16
+    ref = conv_lax(x.astype(jnp.float32), w.astype(jnp.float32), 1, 1, 1)
+    # One rounding of the float32 sum to bfloat16 (relative 2^-8), not 27 of them.
+    np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2**-8, atol=2**-8)
+
+
+def test_small_patch_rule_picks_direct_forward_on_cpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert conv_module._pick_forward("auto", (5, 5, 1, 6)) == "direct"
+    assert conv_module._pick_forward("auto", (3, 3, 3, 64)) == "direct"
+    assert conv_module._pick_forward("auto", (5, 5, 6, 16)) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert conv_module._pick_forward("auto", (5, 5, 1, 6)) == "xla"
+
+
+@pytest.mark.parametrize("input_grad_impl", DGRAD_IMPLS)
+@pytest.mark.parametrize("stride,padding,dilation", VJP_GRID)
+def test_vjp_each_input_grad_impl_matches_lax_autodiff(x64, stride, padding, dilation,
+                                                      input_grad_impl):
+    _check_vjp_against_lax(stride, padding, dilation, [("native", "auto", input_grad_impl)])
+
+
+def test_col2im_input_grad_crops_padding_and_unread_cells(x64):
+    # Padding larger than the filter, stride 2, dilation 2: some offsets read only
+    # padding (their cells are cropped) and trailing input cells are never read.
+    rng = np.random.default_rng(16)
+    x, w = jnp.asarray(rng.standard_normal((2, 7, 6, 3))), jnp.asarray(
+        rng.standard_normal((3, 2, 3, 2)))
+    for stride, padding, dilation in [(2, 3, 2), ((3, 2), ((4, 0), (0, 3)), 1), (1, 5, 3)]:
+        f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
+                              input_grad_impl="col2im")
+        y, vjp = jax.vjp(f, x, w)
+        ref_f = functools.partial(conv_lax, stride=stride, padding=padding, dilation=dilation)
+        ref, ref_vjp = jax.vjp(ref_f, x, w)
+        np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+        g = jnp.asarray(rng.standard_normal(y.shape))
+        np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_check_grads_order2_col2im(x64):
+    rng = np.random.default_rng(17)
+    x = jnp.asarray(rng.standard_normal((1, 6, 5, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 2, 2, 2)))
+    check_grads(lambda x, w: conv2d(x, w, stride=2, padding=((1, 0), (2, 1)), dilation=(1, 2),
+                                    input_grad_impl="col2im", weight_grad_impl="im2col"),
+                (x, w), order=2, modes=["rev"])
+
+
+def test_full_window_conv_is_one_matrix_product(x64):
+    # LeNet-5's conv3: a 5x5 filter over a 5x5 map is a dense layer (output 1 x 1).
+    rng = np.random.default_rng(18)
+    x, w = jnp.asarray(rng.standard_normal((3, 5, 5, 4))), jnp.asarray(
+        rng.standard_normal((5, 5, 4, 6)))
+    y, vjp = jax.vjp(conv2d, x, w)
+    ref, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w), x, w)
+    assert y.shape == (3, 1, 1, 6)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    check_grads(conv2d, (x, w), order=2, modes=["rev"])
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(conv2d(x, w)), (0, 1)))(x, w))
+    assert "conv_general_dilated" not in grad_jaxpr and "dot_general" in grad_jaxpr
+    # Padding or a smaller filter keeps the convolution.
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x: conv2d(x, w, padding=1))(x))
+
+
+def test_small_patch_rule_picks_col2im_and_im2col_on_cpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16)) == ("col2im", "stacked")
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 64)) == ("xla", "per_image")
+    assert conv_module._pick_grads("xla", "offsets", (5, 5, 1, 6)) == ("xla", "offsets")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16)) == ("xla", "xla")
+
+
+def test_stacked_weight_grad_in_batch_chunks(x64, monkeypatch):
+    # A one-byte budget makes every image its own chunk; the chunk sums must add up.
+    monkeypatch.setattr(conv_module, "_STACKED_CHUNK_BYTES", 1)
+    rng = np.random.default_rng(21)
+    x = jnp.asarray(rng.standard_normal((3, 8, 7, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 2, 2, 4)))
+    f = functools.partial(conv2d, stride=(2, 1), padding=1, dilation=(1, 2),
+                          weight_grad_impl="stacked", input_grad_impl="xla")
+    y, vjp = jax.vjp(f, x, w)
+    ref, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w, (2, 1), 1, (1, 2)), x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    np.testing.assert_allclose(vjp(g)[1], ref_vjp(g)[1], rtol=1e-10, atol=1e-10)
+    grad_jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](g))(x, w))
+    assert grad_jaxpr.count("dot_general") == 3
 
 
 def test_im2col_blocked_weight_grad(x64, monkeypatch):
@@ -399,6 +510,9 @@ W4 = np.zeros((3, 3, 3, 2), np.float32)
         (X4, W4, {"dilation_impl": "fft"}, r"conv2d: dilation_impl must be one of .*'fft'"),
         (X4, W4, {"weight_grad_impl": "fft"},
          r"conv2d: weight_grad_impl must be one of .*'fft'"),
+        (X4, W4, {"forward_impl": "fft"}, r"conv2d: forward_impl must be one of .*'fft'"),
+        (X4, W4, {"input_grad_impl": "fft"},
+         r"conv2d: input_grad_impl must be one of .*'fft'"),
     ],
 )
 def test_errors_name_the_argument(x, w, kwargs, pattern):
@@ -449,8 +563,9 @@ def conv_cases(draw):
         need = max(1, d * (f - 1) + 1 - sum(p)) if kind != "SAME" else 1
         hw.append(draw(st.integers(need, need + 6)))
     n, c, k = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    impls = (draw(st.sampled_from(["auto", "native", "space_to_batch"])),
-             draw(st.sampled_from(["auto", *WGRAD_IMPLS])))
+    impls = (draw(st.sampled_from(["auto", "native", "space_to_batch", "direct"])),
+             draw(st.sampled_from(["auto", *WGRAD_IMPLS])),
+             draw(st.sampled_from(["auto", *DGRAD_IMPLS])))
     seed = draw(st.integers(0, 2**16))
     return (n, *hw, c), (fh, fw, c, k), stride, padding, dilation, impls, seed
 
@@ -458,13 +573,15 @@ def conv_cases(draw):
 @settings(max_examples=6, deadline=None)
 @given(case=conv_cases())
 def test_property_forward_and_vjp_match_lax(case):
-    x_shape, w_shape, stride, padding, dilation, (dil_impl, wg_impl), seed = case
+    x_shape, w_shape, stride, padding, dilation, (dil_impl, wg_impl, dg_impl), seed = case
     with jax.enable_x64(True):
         rng = np.random.default_rng(seed)
         x = jnp.asarray(rng.standard_normal(x_shape))
         w = jnp.asarray(rng.standard_normal(w_shape))
         f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
-                              dilation_impl=dil_impl, weight_grad_impl=wg_impl)
+                              dilation_impl="auto" if dil_impl == "direct" else dil_impl,
+                              forward_impl="direct" if dil_impl == "direct" else "xla",
+                              weight_grad_impl=wg_impl, input_grad_impl=dg_impl)
         y, vjp = jax.vjp(f, x, w)
         ref, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w, stride, padding, dilation), x, w)
         assert y.shape == ref.shape

@@ -57,7 +57,13 @@ from cnnjax.shapes import (
     to_pair,
 )
 
-__all__ = ["conv2d", "DILATION_IMPL_BY_BACKEND", "WEIGHT_GRAD_IMPL_BY_BACKEND"]
+__all__ = [
+    "conv2d",
+    "DILATION_IMPL_BY_BACKEND",
+    "WEIGHT_GRAD_IMPL_BY_BACKEND",
+    "SMALL_PATCH_WIDTH_BY_BACKEND",
+    "DIRECT_PATCH_WIDTH_BY_BACKEND",
+]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -74,9 +80,22 @@ DILATION_IMPL_BY_BACKEND = {"cpu": "native", "gpu": "native", "tpu": "native"}
 # fastest for 3x3 64->64 at dilation 1, 2, 4 and for AlexNet's 11x11 stride-4
 # conv1 (experiments/benchmarks/NOTES.md).
 WEIGHT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "xla"}
+# Layers with few input channels (LeNet-5's conv1/conv2, a 3x3 conv on RGB) are
+# where XLA:CPU's convolutions are slowest: up to a patch width F_h F_w C_in of
+# this many columns the CPU takes dL/dW from the stacked patch matrix
+# ("stacked") and dL/dx as col2im of g W^T ("col2im"), 1.5-2x faster there
+# (NOTES.md). 0 = never.
+SMALL_PATCH_WIDTH_BY_BACKEND = {"cpu": 256, "gpu": 0, "tpu": 0}
+# Up to this patch width the forward pass is the direct sum of F_h F_w C_in
+# shifted, scaled copies of the input ("direct"), which XLA fuses into one loop:
+# 9x faster than XLA:CPU's convolution for LeNet-5's conv1 (25 columns), 1.9x
+# for VGG's block1_conv1 (27), slower from about 100 columns on.
+DIRECT_PATCH_WIDTH_BY_BACKEND = {"cpu": 32, "gpu": 0, "tpu": 0}
 
 _IMPLS = ("auto", "native", "space_to_batch")
-_WGRAD_IMPLS = ("auto", "per_image", "im2col", "offsets", "xla")
+_FWD_IMPLS = ("auto", "xla", "direct")
+_WGRAD_IMPLS = ("auto", "per_image", "im2col", "stacked", "offsets", "xla")
+_DGRAD_IMPLS = ("auto", "xla", "col2im")
 
 
 def _pick(table: dict, impl: str) -> str:
@@ -85,6 +104,30 @@ def _pick(table: dict, impl: str) -> str:
     return table.get(
         jax.default_backend(), "native" if table is DILATION_IMPL_BY_BACKEND else "xla"
     )
+
+
+def _is_full_window(x_hw, f_hw, pads, dilation) -> bool:
+    """The filter covers the whole unpadded input: the convolution is one matrix product."""
+    return tuple(x_hw) == tuple(f_hw) and pads == ((0, 0), (0, 0)) and dilation == (1, 1)
+
+
+def _pick_grads(input_grad_impl, weight_grad_impl, w_shape):
+    """The dL/dx and dL/dW formulations "auto" stands for, for this filter on this backend."""
+    fh, fw, c, _ = w_shape
+    small = fh * fw * c <= SMALL_PATCH_WIDTH_BY_BACKEND.get(jax.default_backend(), 0)
+    if input_grad_impl == "auto":
+        input_grad_impl = "col2im" if small else "xla"
+    if weight_grad_impl == "auto":
+        weight_grad_impl = "stacked" if small else _pick(WEIGHT_GRAD_IMPL_BY_BACKEND, "auto")
+    return input_grad_impl, weight_grad_impl
+
+
+def _pick_forward(forward_impl, w_shape):
+    if forward_impl != "auto":
+        return forward_impl
+    fh, fw, c, _ = w_shape
+    return "direct" if fh * fw * c <= DIRECT_PATCH_WIDTH_BY_BACKEND.get(
+        jax.default_backend(), 0) else "xla"
 
 
 def _native_conv(x, w, stride, pads, dilation, lhs_dilation=(1, 1)):
@@ -118,14 +161,77 @@ def _space_to_batch_conv(x, w, pads, dilation):
     return y[:, :ho, :wo, :]
 
 
+def _dense(x, w):
+    """A full-window convolution as (N, F_h F_w C) x (F_h F_w C, K): output 1 x 1."""
+    y = jnp.dot(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[3]))
+    return y.reshape(x.shape[0], 1, 1, w.shape[3])
+
+
+def _direct_conv(x, w, stride, pads, dilation):
+    """y = sum over (a, b, c) of the strided slice of xp that offset (a, b) sees, channel c,
+    times the filter row w[a, b, c, :]: F_h F_w C_in multiply-adds per output, one fused loop."""
+    fh, fw, c, _ = w.shape
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    n, hp, wp, _ = xp.shape
+    ho = (hp - dilation[0] * (fh - 1) - 1) // stride[0] + 1
+    wo = (wp - dilation[1] * (fw - 1) - 1) // stride[1] + 1
+    windows = _offset_windows(xp, (ho, wo), (fh, fw), stride, dilation)
+    wa = w.astype(acc)
+    y = None
+    for i, window in enumerate(windows):
+        a, b = divmod(i, fw)
+        for ci in range(c):
+            term = window[..., ci : ci + 1].astype(acc) * wa[a, b, ci]
+            y = term if y is None else y + term
+    return y.astype(x.dtype)
+
+
 def _forward(x, w, stride, pads, dilation, impl):
+    if impl == "dense":
+        return _dense(x, w)
+    if impl == "direct":
+        return _direct_conv(x, w, stride, pads, dilation)
     if impl == "space_to_batch" and stride == (1, 1) and dilation != (1, 1):
         return _space_to_batch_conv(x, w, pads, dilation)
     return _native_conv(x, w, stride, pads, dilation)
 
 
-def _input_grad(g, w, x_hw, stride, pads, dilation, impl):
+def _input_grad_col2im(g, w, x_hw, stride, pads, dilation):
+    """dL/dx as col2im: the patch gradients g W^T, each added back where its patch was read.
+
+    ``G = g W^T`` (shape ``(N H_out W_out, F_h F_w C)``) holds, per output pixel and
+    filter offset ``(a, b)``, the gradient of the input cell that offset read:
+    ``x[i S_h + a D_h - P_top, j S_w + b D_w - P_left]``. Each offset's slice of
+    ``G`` is spread back onto the input grid by one ``lax.pad`` (interior padding
+    S - 1, edge padding that may be negative, which crops cells that were padding)
+    and the F_h F_w results are summed; XLA fuses the pads and the sum.
+    """
+    fh, fw, c, k = w.shape
+    n, ho, wo, _ = g.shape
+    cols = jnp.dot(g.reshape(-1, k), w.reshape(-1, k).T).reshape(n, ho, wo, fh, fw, c)
+    zero = jnp.zeros((), g.dtype)
+    dx = None
+    for a in range(fh):
+        for b in range(fw):
+            edges = []
+            for size, off, s, (lo, _), out in zip(
+                x_hw, (a * dilation[0], b * dilation[1]), stride, pads, (ho, wo), strict=True
+            ):
+                start = off - lo  # input index read by output 0 at this offset
+                edges.append((start, size - start - (out - 1) * s - 1, s - 1))
+            term = lax.pad(cols[:, :, :, a, b, :], zero, ((0, 0, 0), *edges, (0, 0, 0)))
+            dx = term if dx is None else dx + term
+    return dx
+
+
+def _input_grad(g, w, x_hw, stride, pads, dilation, impl, dgrad_impl="xla"):
     """dL/dx: forward convolution of the stride-dilated g with the flipped filter."""
+    if impl == "dense":
+        return jnp.dot(g.reshape(g.shape[0], -1), w.reshape(-1, w.shape[3]).T).reshape(
+            g.shape[0], *x_hw, w.shape[2])
+    if dgrad_impl == "col2im":
+        return _input_grad_col2im(g, w, x_hw, stride, pads, dilation)
     fh, fw = w.shape[:2]
     w_flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)  # (F_h, F_w, K, C)
     grad_pads = []
@@ -258,10 +364,44 @@ def _weight_grad_per_image(x, g, w_shape, stride, pads, dilation, acc):
     return total
 
 
+# Batch chunks of the "stacked" weight gradient: about this many bytes of patches each.
+_STACKED_CHUNK_BYTES = 16 * 2**20
+
+
+def _weight_grad_stacked(xp, g, w_shape, stride, dilation, acc):
+    """dL/dw = P g with the patch matrix P laid out (F_h F_w C_in, N H_out W_out).
+
+    Each row of P is one (offset, channel) strided slice of xp, flattened: a
+    contiguous copy, so P is cheap to build when F_h F_w C_in is small, and the
+    product is a plain (F_h F_w C_in, M) x (M, K) matrix product. Chunks of the
+    batch (static slices, summed) bound the memory of P.
+    """
+    fh, fw, c, k = w_shape
+    n, ho, wo, _ = g.shape
+    per_image = fh * fw * c * ho * wo * jnp.dtype(xp.dtype).itemsize
+    size = max(1, _STACKED_CHUNK_BYTES // max(per_image, 1))
+    total = None
+    # Channels first, so that each row is a slice of one (N, H, W) plane (and not an
+    # expression XLA would share with a direct forward pass and materialise).
+    xt = jnp.moveaxis(xp, 3, 0)[..., None]
+    for i in range(0, n, size):
+        gc = g[i : i + size]
+        rows = jnp.stack([wd[..., 0] for ci in range(c) for wd in _offset_windows(
+            xt[ci, i : i + size], (ho, wo), (fh, fw), stride, dilation)])
+        # rows are (channel, offset)-major; the filter is (offset, channel)-major.
+        rows = rows.reshape(c, fh * fw, -1).swapaxes(0, 1)
+        term = lax.dot_general(rows.reshape(fh * fw * c, -1), gc.reshape(-1, k),
+                               (((1,), (0,)), ((), ())), preferred_element_type=acc)
+        total = term if total is None else total + term
+    return total.reshape(fh, fw, c, k)
+
+
 def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
     """dL/dw[a, b, c, k] = sum_{n,i,j} xp[n, i*S_h + a*D_h, j*S_w + b*D_w, c] g[n, i, j, k]."""
     fh, fw, c, k = w_shape
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    if impl == "dense":
+        return _tn_dot(x.reshape(x.shape[0], -1), g.reshape(g.shape[0], -1), acc).reshape(w_shape)
     if impl == "per_image":
         return _weight_grad_per_image(x, g, w_shape, stride, pads, dilation, acc)
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
@@ -280,25 +420,28 @@ def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
         return dw[:fh, :fw]
     if impl == "im2col":
         return _weight_grad_im2col(xp, g, w_shape, stride, dilation, acc)
+    if impl == "stacked":
+        return _weight_grad_stacked(xp, g, w_shape, stride, dilation, acc)
     # "offsets": one (N H_out W_out, C_in)^T (N H_out W_out, K) product per offset.
     g2 = g.reshape(-1, k)
     windows = _offset_windows(xp, g.shape[1:3], (fh, fw), stride, dilation)
     return jnp.stack([_tn_dot(wd.reshape(-1, c), g2, acc) for wd in windows]).reshape(fh, fw, c, k)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _conv(x, w, stride, pads, dilation, impl, wgrad_impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _conv(x, w, stride, pads, dilation, impl, dgrad_impl, wgrad_impl):
     return _forward(x, w, stride, pads, dilation, impl)
 
 
-def _conv_fwd(x, w, stride, pads, dilation, impl, wgrad_impl):
+def _conv_fwd(x, w, stride, pads, dilation, impl, dgrad_impl, wgrad_impl):
     return _forward(x, w, stride, pads, dilation, impl), (x, w)
 
 
-def _conv_bwd(stride, pads, dilation, impl, wgrad_impl, residuals, g):
+def _conv_bwd(stride, pads, dilation, impl, dgrad_impl, wgrad_impl, residuals, g):
     x, w = residuals
-    dx = _input_grad(g, w, x.shape[1:3], stride, pads, dilation, impl)
-    dw = _weight_grad(x, g, w.shape, stride, pads, dilation, wgrad_impl)
+    dx = _input_grad(g, w, x.shape[1:3], stride, pads, dilation, impl, dgrad_impl)
+    dw = _weight_grad(x, g, w.shape, stride, pads, dilation,
+                      "dense" if impl == "dense" else wgrad_impl)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -315,6 +458,8 @@ def conv2d(
     dilation: int | Sequence[int] = 1,
     dilation_impl: str = "auto",
     weight_grad_impl: str = "auto",
+    input_grad_impl: str = "auto",
+    forward_impl: str = "auto",
 ) -> jax.Array:
     """2-D convolution (cross-correlation, as every deep-learning library computes it).
 
@@ -331,7 +476,18 @@ def conv2d(
         used for stride 1 and dilation > 1).
       weight_grad_impl: "auto", "per_image", "im2col", "offsets" or "xla": how dL/dkernel is
         formed (see the module docstring); "auto" picks per backend from
-        ``WEIGHT_GRAD_IMPL_BY_BACKEND``.
+        ``WEIGHT_GRAD_IMPL_BY_BACKEND`` and ``SMALL_PATCH_WIDTH_BY_BACKEND``.
+      forward_impl: "auto", "xla" (XLA's convolution, dilated per ``dilation_impl``) or
+        "direct" (the sum of F_h F_w C_in shifted copies of x times a filter row, for
+        filters with a small patch width; "auto" picks it from
+        ``DIRECT_PATCH_WIDTH_BY_BACKEND``).
+      input_grad_impl: "auto", "xla" (a forward convolution of the stride-dilated g with
+        the flipped filter) or "col2im" (g W^T added back where each patch was read);
+        "auto" picks col2im for small patch widths on the backends that gain from it.
+
+    A filter that covers the whole unpadded input (output 1 x 1, e.g. LeNet-5's
+    conv3 or a classifier layer written as a convolution) is computed as the one
+    matrix product it is, forward and backward, whatever the impl arguments say.
 
     Returns:
       ``(N, H_out, W_out, K)`` with ``H_out = floor((H + P_top + P_bottom - F_eff) / S) + 1``
@@ -363,6 +519,12 @@ def conv2d(
         raise ValueError(
             f"conv2d: weight_grad_impl must be one of {_WGRAD_IMPLS}, got {weight_grad_impl!r}."
         )
+    if forward_impl not in _FWD_IMPLS:
+        raise ValueError(f"conv2d: forward_impl must be one of {_FWD_IMPLS}, got {forward_impl!r}.")
+    if input_grad_impl not in _DGRAD_IMPLS:
+        raise ValueError(
+            f"conv2d: input_grad_impl must be one of {_DGRAD_IMPLS}, got {input_grad_impl!r}."
+        )
     s = to_pair(stride, "stride")
     d = to_pair(dilation, "dilation")
     fhw = tuple(kernel.shape[:2])
@@ -377,15 +539,14 @@ def conv2d(
         except ShapeError:
             raise
     dtype = compute_dtype(x, kernel)
-    y = _conv(
-        x.astype(dtype),
-        kernel.astype(dtype),
-        s,
-        pads,
-        d,
-        _pick(DILATION_IMPL_BY_BACKEND, dilation_impl),
-        _pick(WEIGHT_GRAD_IMPL_BY_BACKEND, weight_grad_impl),
-    )
+    if _is_full_window(x.shape[1:3], fhw, pads, d):
+        impl = "dense"
+    elif _pick_forward(forward_impl, kernel.shape) == "direct":
+        impl = "direct"
+    else:
+        impl = _pick(DILATION_IMPL_BY_BACKEND, dilation_impl)
+    dgrad, wgrad = _pick_grads(input_grad_impl, weight_grad_impl, kernel.shape)
+    y = _conv(x.astype(dtype), kernel.astype(dtype), s, pads, d, impl, dgrad, wgrad)
     if bias is not None:
         if getattr(bias, "shape", None) != (kernel.shape[3],):
             raise ValueError(
