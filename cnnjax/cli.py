@@ -372,5 +372,41 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process instead of returning it to the OS (glibc only).
+
+    XLA:CPU allocates every step's large buffers (a VGG-16 weight gradient is
+    411 MB) afresh. glibc serves such sizes with mmap and unmaps them on free, so
+    each step pays page faults on hundreds of MB of new memory: a quarter of a
+    VGG-16 or AlexNet train step on a 2-core CPU (experiments/benchmarks/NOTES.md).
+    With mmap off and a high trim threshold the memory is reused. Called by the
+    ``cnnjax`` program before anything is allocated (not on import: a library must
+    not change its host's allocator); ``CNNJAX_TUNE_MALLOC=0`` turns it off.
+    Returns whether the settings were applied.
+    """
+    import os
+
+    if os.environ.get("CNNJAX_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): leave malloc alone
+        return False
+
+
+def console_main() -> int:
+    """The ``cnnjax`` program: :func:`tune_malloc`, then :func:`main`."""
+    tune_malloc()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

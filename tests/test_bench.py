@@ -100,3 +100,43 @@ def test_torch_peers_match_the_parameter_counts():
     with torch.inference_mode():
         out = bench_torch.build_model("lenet5", 10, (32, 32, 1))(torch.zeros(2, 1, 32, 32))
     assert tuple(out.shape) == (2, 10)
+
+
+def _tune_malloc_in_fresh_process(env_value):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("CNNJAX_TUNE_MALLOC", None)
+    if env_value is not None:
+        env["CNNJAX_TUNE_MALLOC"] = env_value
+    code = ("import ctypes, sys; from cnnjax.cli import tune_malloc; print(tune_malloc()); "
+            "b = bytearray(64 * 2**20); a = ctypes.addressof(ctypes.c_char.from_buffer(b)); "
+            "brk = ctypes.CDLL('libc.so.6').sbrk(0); print(a < ctypes.c_void_p(brk).value)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc only")
+def test_tune_malloc_keeps_large_buffers_on_the_heap():
+    # Tuned: a 64 MiB buffer comes from the brk heap (below the program break),
+    # not from a fresh mmap that is unmapped (and faulted in again) every step.
+    applied, on_heap = _tune_malloc_in_fresh_process(None)
+    assert applied == "True" and on_heap == "True"
+    applied, on_heap = _tune_malloc_in_fresh_process("0")
+    assert applied == "False" and on_heap == "False"
+
+
+def test_the_cnnjax_program_tunes_malloc_and_main_does_not(monkeypatch):
+    from importlib.metadata import entry_points
+
+    from cnnjax import cli
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "cnnjax"]
+    assert script.value == "cnnjax.cli:console_main"
+    calls = []
+    monkeypatch.setattr(cli, "tune_malloc", lambda: calls.append("tune"))
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 0)
+    assert cli.console_main() == 0 and calls == ["tune", "main"]
