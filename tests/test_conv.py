@@ -227,8 +227,9 @@ def test_direct_forward_accumulates_bfloat16_in_float32():
     np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2**-8, atol=2**-8)
 
 
-def test_small_patch_rule_picks_direct_forward_on_cpu(monkeypatch):
+def test_direct_patch_rule(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(conv_module, "DIRECT_PATCH_WIDTH_BY_BACKEND", {"cpu": 32})
     assert conv_module._pick_forward("auto", (5, 5, 1, 6)) == "direct"
     assert conv_module._pick_forward("auto", (3, 3, 3, 64)) == "direct"
     assert conv_module._pick_forward("auto", (5, 5, 6, 16)) == "xla"

@@ -87,10 +87,13 @@ WEIGHT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "xla"}
 # (NOTES.md). 0 = never.
 SMALL_PATCH_WIDTH_BY_BACKEND = {"cpu": 256, "gpu": 0, "tpu": 0}
 # Up to this patch width the forward pass is the direct sum of F_h F_w C_in
-# shifted, scaled copies of the input ("direct"), which XLA fuses into one loop:
-# 9x faster than XLA:CPU's convolution for LeNet-5's conv1 (25 columns), 1.9x
-# for VGG's block1_conv1 (27), slower from about 100 columns on.
-DIRECT_PATCH_WIDTH_BY_BACKEND = {"cpu": 32, "gpu": 0, "tpu": 0}
+# shifted, scaled copies of the input ("direct"), which XLA fuses into one loop.
+# Alone it is 9x faster than XLA:CPU's convolution for LeNet-5's conv1 (25
+# columns) and 1.9x for VGG's block1_conv1 (27), but fused with a following
+# tanh XLA:CPU's loop is no faster than its convolution, whole train steps did
+# not gain beyond noise and compiles took longer (NOTES.md): off by default,
+# selectable with forward_impl="direct".
+DIRECT_PATCH_WIDTH_BY_BACKEND = {"cpu": 0, "gpu": 0, "tpu": 0}
 
 _IMPLS = ("auto", "native", "space_to_batch")
 _FWD_IMPLS = ("auto", "xla", "direct")
@@ -381,15 +384,11 @@ def _weight_grad_stacked(xp, g, w_shape, stride, dilation, acc):
     per_image = fh * fw * c * ho * wo * jnp.dtype(xp.dtype).itemsize
     size = max(1, _STACKED_CHUNK_BYTES // max(per_image, 1))
     total = None
-    # Channels first, so that each row is a slice of one (N, H, W) plane (and not an
-    # expression XLA would share with a direct forward pass and materialise).
-    xt = jnp.moveaxis(xp, 3, 0)[..., None]
     for i in range(0, n, size):
         gc = g[i : i + size]
-        rows = jnp.stack([wd[..., 0] for ci in range(c) for wd in _offset_windows(
-            xt[ci, i : i + size], (ho, wo), (fh, fw), stride, dilation)])
-        # rows are (channel, offset)-major; the filter is (offset, channel)-major.
-        rows = rows.reshape(c, fh * fw, -1).swapaxes(0, 1)
+        windows = _offset_windows(xp[i : i + size], (ho, wo), (fh, fw), stride, dilation)
+        # (offset, channel)-major rows, as the filter (F_h, F_w, C_in, K) is laid out.
+        rows = jnp.stack([jnp.moveaxis(wd, 3, 0) for wd in windows])
         term = lax.dot_general(rows.reshape(fh * fw * c, -1), gc.reshape(-1, k),
                                (((1,), (0,)), ((), ())), preferred_element_type=acc)
         total = term if total is None else total + term
