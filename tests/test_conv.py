@@ -298,6 +298,30 @@ def test_small_patch_rule_picks_col2im_and_im2col_on_cpu(monkeypatch):
     assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16)) == ("xla", "xla")
 
 
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), ((2, 1), ((2, 0), (1, 3)), (1, 2)),
+                                                     (3, 0, 2), (1, "SAME", (3, 1))])
+def test_per_image_weight_grad_in_row_blocks(x64, monkeypatch, stride, padding, dilation):
+    # One-byte budgets split every image into blocks of output rows (as large
+    # images are); each block reads its own padded input rows, the last one ragged.
+    monkeypatch.setattr(conv_module, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv_module, "_ROW_BLOCK_BYTES", 1)
+    monkeypatch.setattr(conv_module, "_MIN_BLOCK_PIXELS", 2)
+    monkeypatch.setattr(conv_module, "_MAX_CHUNKS", 1000)
+    rng = np.random.default_rng(22)
+    x = jnp.asarray(rng.standard_normal((2, 11, 7, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 2, 2, 3)))
+    f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
+                          weight_grad_impl="per_image", input_grad_impl="xla")
+    y, vjp = jax.vjp(f, x, w)
+    ref_f = functools.partial(conv_lax, stride=stride, padding=padding, dilation=dilation)
+    ref, ref_vjp = jax.vjp(ref_f, x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    np.testing.assert_allclose(vjp(g)[1], ref_vjp(g)[1], rtol=1e-10, atol=1e-10)
+    blocks = conv_module._row_blocks(x, g, conv_module.to_pair(stride, "s"),
+                                     conv_module.to_pair(dilation, "d"), 3)
+    assert len(blocks) > 1 and blocks[0][0] == 0 and blocks[-1][1] == y.shape[1]
+
+
 def test_stacked_weight_grad_in_batch_chunks(x64, monkeypatch):
     # A one-byte budget makes every image its own chunk; the chunk sums must add up.
     monkeypatch.setattr(conv_module, "_STACKED_CHUNK_BYTES", 1)

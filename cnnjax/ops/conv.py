@@ -338,10 +338,25 @@ def _weight_grad_im2col(xp, g, w_shape, stride, dilation, acc):
     return total.reshape(fh, fw, c, k)
 
 
-# Batch chunks of the "per_image" weight gradient: about this many bytes of x and g
-# per chunk (one 128x128x64 image already exceeds it), at most this many chunks.
+# Chunks of the "per_image" weight gradient: about this many bytes of x and g per
+# chunk (one 128x128x64 image already exceeds it), at most this many chunks. An
+# image larger than the budget is split into blocks of output rows (with the
+# input rows their windows read), each block at least _MIN_BLOCK_PIXELS output
+# pixels long: on VGG-16's 224x224x64 layer this is 1.7x faster than whole images.
 _CHUNK_BYTES = 2 * 2**20
 _MAX_CHUNKS = 32
+_ROW_BLOCK_BYTES = 1 * 2**20
+_MIN_BLOCK_PIXELS = 1024
+
+
+def _row_blocks(x, g, stride, dilation, f_h):
+    """Output-row blocks [(r0, r1)] of one image for the per-chunk weight gradient."""
+    n, ho, wo, k = g.shape
+    itemsize = jnp.dtype(x.dtype).itemsize
+    row_bytes = (stride[0] * x.shape[2] * x.shape[3] + wo * k) * itemsize
+    rows = max(_ROW_BLOCK_BYTES // row_bytes, -(-_MIN_BLOCK_PIXELS // wo),
+               -(-n * ho // _MAX_CHUNKS), 1)
+    return [(r, min(r + rows, ho)) for r in range(0, ho, rows)]
 
 
 def _weight_grad_per_image(x, g, w_shape, stride, pads, dilation, acc):
@@ -349,21 +364,38 @@ def _weight_grad_per_image(x, g, w_shape, stride, pads, dilation, acc):
 
     The sum over ``n`` in the formula splits into independent terms. XLA:CPU's
     own weight-gradient convolution is fast while x and g of the chunk stay in
-    cache and several times slower (per image) on a whole large batch.
+    cache and several times slower (per image) on a whole large batch. So is
+    the sum over output rows: an image too large for the budget is split into
+    blocks of output rows, each paired with the padded input rows it reads.
     """
     n = x.shape[0]
     per_image = (x[0].size + g[0].size) * jnp.dtype(x.dtype).itemsize
     size = max(1, _CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
 
-    def term(xc, gc):
+    def term(xc, gc, conv_pads):
         def f(w):
-            return _native_conv(xc, w, stride, pads, dilation)
+            return _native_conv(xc, w, stride, conv_pads, dilation)
 
         return jax.vjp(f, jnp.zeros(w_shape, x.dtype))[1](gc)[0].astype(acc)
 
-    total = term(x[:size], g[:size])
+    blocks = _row_blocks(x, g, stride, dilation, w_shape[0]) if per_image > _CHUNK_BYTES else []
+    if len(blocks) > 1:
+        # Rows of the padded input read by output rows [r0, r1): [r0 S, (r1 - 1) S + E).
+        extent = dilation[0] * (w_shape[0] - 1) + 1
+        xp = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0)))
+        xp = jnp.pad(xp, ((0, 0), (0, max(0, (g.shape[1] - 1) * stride[0] + extent
+                                           - xp.shape[1])), (0, 0), (0, 0)))
+        row_pads = ((0, 0), pads[1])
+        total = None
+        for i in range(n):
+            for r0, r1 in blocks:
+                xb = xp[i : i + 1, r0 * stride[0] : (r1 - 1) * stride[0] + extent]
+                t = term(xb, g[i : i + 1, r0:r1], row_pads)
+                total = t if total is None else total + t
+        return total
+    total = term(x[:size], g[:size], pads)
     for i in range(size, n, size):
-        total = total + term(x[i : i + size], g[i : i + size])
+        total = total + term(x[i : i + size], g[i : i + size], pads)
     return total
 
 
