@@ -204,9 +204,11 @@ def test_vjp_each_impl_matches_lax_autodiff(x64, stride, padding, dilation, dila
     _check_vjp_against_lax(stride, padding, dilation, [(dilation_impl, weight_grad_impl)])
 
 
-@pytest.mark.parametrize("forward_impl", ["xla", "direct"])
+@pytest.mark.parametrize("forward_impl", ["xla", "direct", "per_image"])
 @pytest.mark.parametrize("stride,padding,dilation", GRID)
-def test_forward_impls_match_numpy_loop(x64, stride, padding, dilation, forward_impl):
+def test_forward_impls_match_numpy_loop(x64, monkeypatch, stride, padding, dilation,
+                                        forward_impl):
+    monkeypatch.setattr(conv_module, "_CHUNK_BYTES", 1)  # per_image: one image per chunk
     rng = np.random.default_rng(19)
     x, w = rng.standard_normal((2, 9, 8, 2)), rng.standard_normal((2, 3, 2, 3))
     y = conv2d(jnp.asarray(x), jnp.asarray(w), stride=stride, padding=padding,
@@ -235,6 +237,15 @@ def test_direct_patch_rule(monkeypatch):
     assert conv_module._pick_forward("auto", (5, 5, 6, 16)) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert conv_module._pick_forward("auto", (5, 5, 1, 6)) == "xla"
+
+
+def test_strided_input_layer_rule(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert conv_module._pick_forward("auto", (11, 11, 3, 96), (4, 4)) == "per_image"
+    assert conv_module._pick_forward("auto", (3, 3, 64, 64), (2, 2)) == "xla"
+    assert conv_module._pick_forward("auto", (11, 11, 3, 96), (1, 1)) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert conv_module._pick_forward("auto", (11, 11, 3, 96), (4, 4)) == "xla"
 
 
 @pytest.mark.parametrize("input_grad_impl", DGRAD_IMPLS)

@@ -63,6 +63,7 @@ __all__ = [
     "WEIGHT_GRAD_IMPL_BY_BACKEND",
     "SMALL_PATCH_WIDTH_BY_BACKEND",
     "DIRECT_PATCH_WIDTH_BY_BACKEND",
+    "STRIDED_INPUT_CHANNELS_BY_BACKEND",
 ]
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -95,8 +96,14 @@ SMALL_PATCH_WIDTH_BY_BACKEND = {"cpu": 256, "gpu": 0, "tpu": 0}
 # selectable with forward_impl="direct".
 DIRECT_PATCH_WIDTH_BY_BACKEND = {"cpu": 0, "gpu": 0, "tpu": 0}
 
+# A strided filter over an image with this many channels or fewer (AlexNet's
+# conv1: 11x11, stride 4, RGB) runs its forward pass per batch chunk on the CPU:
+# XLA:CPU's convolution of that shape is 2-2.5x faster on one or two images at a
+# time than on a batch of 16 or 64. Other layers were 5-25% slower chunked (NOTES.md).
+STRIDED_INPUT_CHANNELS_BY_BACKEND = {"cpu": 4, "gpu": 0, "tpu": 0}
+
 _IMPLS = ("auto", "native", "space_to_batch")
-_FWD_IMPLS = ("auto", "xla", "direct")
+_FWD_IMPLS = ("auto", "xla", "direct", "per_image")
 _WGRAD_IMPLS = ("auto", "per_image", "im2col", "stacked", "offsets", "xla")
 _DGRAD_IMPLS = ("auto", "xla", "col2im")
 
@@ -125,12 +132,16 @@ def _pick_grads(input_grad_impl, weight_grad_impl, w_shape):
     return input_grad_impl, weight_grad_impl
 
 
-def _pick_forward(forward_impl, w_shape):
+def _pick_forward(forward_impl, w_shape, stride=(1, 1)):
     if forward_impl != "auto":
         return forward_impl
     fh, fw, c, _ = w_shape
-    return "direct" if fh * fw * c <= DIRECT_PATCH_WIDTH_BY_BACKEND.get(
-        jax.default_backend(), 0) else "xla"
+    backend = jax.default_backend()
+    if fh * fw * c <= DIRECT_PATCH_WIDTH_BY_BACKEND.get(backend, 0):
+        return "direct"
+    if max(stride) > 1 and c <= STRIDED_INPUT_CHANNELS_BY_BACKEND.get(backend, 0):
+        return "per_image"
+    return "xla"
 
 
 def _native_conv(x, w, stride, pads, dilation, lhs_dilation=(1, 1)):
@@ -190,9 +201,24 @@ def _direct_conv(x, w, stride, pads, dilation):
     return y.astype(x.dtype)
 
 
+def _forward_per_image(x, w, stride, pads, dilation):
+    """XLA's convolution over batch chunks of about _CHUNK_BYTES of input and output."""
+    n = x.shape[0]
+    out_hw = [(size + lo + hi - d * (f - 1) - 1) // s + 1 for size, (lo, hi), d, f, s in zip(
+        x.shape[1:3], pads, dilation, w.shape[:2], stride, strict=True)]
+    per_image = (x[0].size + out_hw[0] * out_hw[1] * w.shape[3]) * jnp.dtype(x.dtype).itemsize
+    size = max(1, _CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
+    if size >= n:
+        return _native_conv(x, w, stride, pads, dilation)
+    return jnp.concatenate([_native_conv(x[i : i + size], w, stride, pads, dilation)
+                            for i in range(0, n, size)])
+
+
 def _forward(x, w, stride, pads, dilation, impl):
     if impl == "dense":
         return _dense(x, w)
+    if impl == "per_image":
+        return _forward_per_image(x, w, stride, pads, dilation)
     if impl == "direct":
         return _direct_conv(x, w, stride, pads, dilation)
     if impl == "space_to_batch" and stride == (1, 1) and dilation != (1, 1):
@@ -508,10 +534,11 @@ def conv2d(
       weight_grad_impl: "auto", "per_image", "im2col", "offsets" or "xla": how dL/dkernel is
         formed (see the module docstring); "auto" picks per backend from
         ``WEIGHT_GRAD_IMPL_BY_BACKEND`` and ``SMALL_PATCH_WIDTH_BY_BACKEND``.
-      forward_impl: "auto", "xla" (XLA's convolution, dilated per ``dilation_impl``) or
+      forward_impl: "auto", "xla" (XLA's convolution, dilated per ``dilation_impl``),
         "direct" (the sum of F_h F_w C_in shifted copies of x times a filter row, for
-        filters with a small patch width; "auto" picks it from
-        ``DIRECT_PATCH_WIDTH_BY_BACKEND``).
+        filters with a small patch width; see ``DIRECT_PATCH_WIDTH_BY_BACKEND``) or
+        "per_image" (XLA's convolution per cache-sized batch chunk; "auto" picks it
+        for strided filters over few channels, ``STRIDED_INPUT_CHANNELS_BY_BACKEND``).
       input_grad_impl: "auto", "xla" (a forward convolution of the stride-dilated g with
         the flipped filter) or "col2im" (g W^T added back where each patch was read);
         "auto" picks col2im for small patch widths on the backends that gain from it.
@@ -572,8 +599,8 @@ def conv2d(
     dtype = compute_dtype(x, kernel)
     if _is_full_window(x.shape[1:3], fhw, pads, d):
         impl = "dense"
-    elif _pick_forward(forward_impl, kernel.shape) == "direct":
-        impl = "direct"
+    elif (forward := _pick_forward(forward_impl, kernel.shape, s)) != "xla":
+        impl = forward
     else:
         impl = _pick(DILATION_IMPL_BY_BACKEND, dilation_impl)
     dgrad, wgrad = _pick_grads(input_grad_impl, weight_grad_impl, kernel.shape)
