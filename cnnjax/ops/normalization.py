@@ -48,6 +48,16 @@ def _accumulation_dtype(dtype):
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
 
 
+def _pow_neg(s, beta):
+    """s ** -beta; for AlexNet's beta = 0.75 as rsqrt(s) * rsqrt(sqrt(s)), 2-3x cheaper
+    than the exp/log that a general power costs on the CPU (s >= k > 0 here)."""
+    if beta == 0.75:
+        return lax.rsqrt(s) * lax.rsqrt(jnp.sqrt(s))
+    if beta == 0.5:
+        return lax.rsqrt(s)
+    return s ** (-beta)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _lrn(x, size, k, alpha, beta):
     return _lrn_fwd(x, size, k, alpha, beta)[0]
@@ -56,7 +66,7 @@ def _lrn(x, size, k, alpha, beta):
 def _lrn_fwd(x, size, k, alpha, beta):
     a = x.astype(_accumulation_dtype(x.dtype))
     s = k + alpha * _channel_window_sum(a * a, size // 2, (size - 1) // 2)
-    b = a * s ** (-beta)
+    b = a * _pow_neg(s, beta)
     return b.astype(x.dtype), (x, s)
 
 
@@ -64,7 +74,7 @@ def _lrn_bwd(size, k, alpha, beta, residuals, g):
     x, s = residuals
     a = x.astype(s.dtype)
     g = g.astype(s.dtype)
-    s_pow = s ** (-beta)
+    s_pow = _pow_neg(s, beta)
     inner = g * a * s_pow / s  # g a s^(-beta-1)
     # The mirrored window: channel j contributes to c for c in [j - (size-1)//2, j + size//2].
     back = _channel_window_sum(inner, (size - 1) // 2, size // 2)
