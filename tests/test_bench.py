@@ -151,3 +151,18 @@ def test_the_cnnjax_program_tunes_malloc_and_main_does_not(monkeypatch):
     monkeypatch.setattr(cli, "tune_malloc", lambda: calls.append("tune"))
     monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 0)
     assert cli.console_main() == 0 and calls == ["tune", "main"]
+
+
+def test_profile_step_script_splits_a_step_by_layer_and_pass(capsys, monkeypatch, tmp_path):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "profile_step.py"
+    hlo = tmp_path / "step.hlo"
+    monkeypatch.setattr("sys.argv", ["profile_step.py", "--model", "lenet5", "--batch", "8",
+                                     "--steps", "1", "--hlo", str(hlo)])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "lenet5 train batch 8: step" in out
+    assert "conv2 backward" in out and "conv1 forward" in out
+    assert "HloModule" in hlo.read_text()

@@ -28,8 +28,23 @@ flipped filters"), with ``g = dL/dy``:
   default on CPU) uses that the sum over ``n`` splits: it sums, over chunks of
   the batch small enough to stay in cache (usually one image), XLA's own
   derived weight gradient of the chunk, which XLA:CPU computes several times
-  faster per image on a small chunk than on a large batch.
+  faster per image on a small chunk than on a large batch (an image larger
+  than the chunk is split the same way into blocks of output rows).
+  ``"stacked"`` forms the patch matrix the other way round, ``(F C_in, N W_out)``,
+  one contiguous strided slice per (offset, channel) row, and takes the plain
+  product with ``g``: the cheapest form when ``F C_in`` is small.
+* ``dL/dx`` can also be taken as col2im (``input_grad_impl="col2im"``): the
+  patch gradients ``g W^T``, each offset's slice added back at the input cells
+  it read (``lax.pad`` with interior padding ``S - 1`` and edge padding that
+  crops padded cells), which beats a convolution when ``F C_in`` is small.
 * ``dL/db[k] = sum_{n, i, j} g[n, i, j, k]``.
+
+A filter that covers the whole unpadded input (output ``1 x 1``) is a dense
+layer, ``y = x_flat W_flat``, and is computed as one matrix product forward and
+backward. The forward pass itself can also be the direct sum of ``F_h F_w
+C_in`` shifted copies of ``x`` times a filter row (``forward_impl="direct"``)
+or XLA's convolution per batch chunk (``"per_image"``, picked on the CPU for a
+strided filter over an RGB image, such as AlexNet's conv1).
 
 Dilated convolutions can run natively (XLA's ``rhs_dilation``) or by the
 "atrous" space-to-batch trick: split the padded input into ``D_h * D_w``

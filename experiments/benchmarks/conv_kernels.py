@@ -204,6 +204,7 @@ def main(argv=None) -> None:
     impls = [
         ("native", "per_image"),
         ("native", "im2col"),
+        ("native", "stacked"),
         ("native", "offsets"),
         ("native", "xla"),
     ]
