@@ -328,8 +328,7 @@ def test_per_image_weight_grad_in_row_blocks(x64, monkeypatch, stride, padding, 
     ref, ref_vjp = jax.vjp(ref_f, x, w)
     g = jnp.asarray(rng.standard_normal(y.shape))
     np.testing.assert_allclose(vjp(g)[1], ref_vjp(g)[1], rtol=1e-10, atol=1e-10)
-    blocks = conv_module._row_blocks(x, g, conv_module.to_pair(stride, "s"),
-                                     conv_module.to_pair(dilation, "d"), 3)
+    blocks = conv_module._row_blocks(x, g, conv_module.to_pair(stride, "s"))
     assert len(blocks) > 1 and blocks[0][0] == 0 and blocks[-1][1] == y.shape[1]
 
 

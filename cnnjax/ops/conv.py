@@ -64,6 +64,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cnnjax.ops._checks import check_nhwc, compute_dtype
+from cnnjax.ops._windows import offset_windows as _offset_windows
 from cnnjax.shapes import (
     Padding2D,
     ShapeError,
@@ -190,6 +191,12 @@ def _space_to_batch_conv(x, w, pads, dilation):
     return y[:, :ho, :wo, :]
 
 
+def _output_hw(x_hw, f_hw, stride, pads, dilation):
+    """(H_out, W_out) for explicit pads, floored as conv2d's output is."""
+    return tuple(conv_output_size(n, f, st, p, d, exact=False)
+                 for n, f, st, p, d in zip(x_hw, f_hw, stride, pads, dilation, strict=True))
+
+
 def _dense(x, w):
     """A full-window convolution as (N, F_h F_w C) x (F_h F_w C, K): output 1 x 1."""
     y = jnp.dot(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[3]))
@@ -202,10 +209,8 @@ def _direct_conv(x, w, stride, pads, dilation):
     fh, fw, c, _ = w.shape
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    n, hp, wp, _ = xp.shape
-    ho = (hp - dilation[0] * (fh - 1) - 1) // stride[0] + 1
-    wo = (wp - dilation[1] * (fw - 1) - 1) // stride[1] + 1
-    windows = _offset_windows(xp, (ho, wo), (fh, fw), stride, dilation)
+    out_hw = _output_hw(x.shape[1:3], (fh, fw), stride, pads, dilation)
+    windows = _offset_windows(xp, out_hw, (fh, fw), stride, dilation)
     wa = w.astype(acc)
     y = None
     for i, window in enumerate(windows):
@@ -219,8 +224,7 @@ def _direct_conv(x, w, stride, pads, dilation):
 def _forward_per_image(x, w, stride, pads, dilation):
     """XLA's convolution over batch chunks of about _CHUNK_BYTES of input and output."""
     n = x.shape[0]
-    out_hw = [(size + lo + hi - d * (f - 1) - 1) // s + 1 for size, (lo, hi), d, f, s in zip(
-        x.shape[1:3], pads, dilation, w.shape[:2], stride, strict=True)]
+    out_hw = _output_hw(x.shape[1:3], w.shape[:2], stride, pads, dilation)
     per_image = (x[0].size + out_hw[0] * out_hw[1] * w.shape[3]) * jnp.dtype(x.dtype).itemsize
     size = max(1, _CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
     if size >= n:
@@ -290,29 +294,6 @@ def _input_grad(g, w, x_hw, stride, pads, dilation, impl, dgrad_impl="xla"):
     if stride == (1, 1) and impl == "space_to_batch" and dilation != (1, 1):
         return _space_to_batch_conv(g, w_flipped, grad_pads, dilation)
     return _native_conv(g, w_flipped, (1, 1), grad_pads, dilation, lhs_dilation=stride)
-
-
-def _offset_windows(xp, out_hw, f_hw, stride, dilation):
-    """The strided slice of ``xp`` that each filter offset ``(a, b)`` sees, row-major in (a, b)."""
-    (ho, wo), (fh, fw) = out_hw, f_hw
-    windows = []
-    for a in range(fh):
-        for b in range(fw):
-            r0, c0 = a * dilation[0], b * dilation[1]
-            windows.append(
-                lax.slice(
-                    xp,
-                    (0, r0, c0, 0),
-                    (
-                        xp.shape[0],
-                        r0 + (ho - 1) * stride[0] + 1,
-                        c0 + (wo - 1) * stride[1] + 1,
-                        xp.shape[3],
-                    ),
-                    (1, stride[0], stride[1], 1),
-                )
-            )
-    return windows
 
 
 def _tn_dot(a, b, acc):
@@ -390,7 +371,7 @@ _ROW_BLOCK_BYTES = 1 * 2**20
 _MIN_BLOCK_PIXELS = 1024
 
 
-def _row_blocks(x, g, stride, dilation, f_h):
+def _row_blocks(x, g, stride):
     """Output-row blocks [(r0, r1)] of one image for the per-chunk weight gradient."""
     n, ho, wo, k = g.shape
     itemsize = jnp.dtype(x.dtype).itemsize
@@ -419,13 +400,14 @@ def _weight_grad_per_image(x, g, w_shape, stride, pads, dilation, acc):
 
         return jax.vjp(f, jnp.zeros(w_shape, x.dtype))[1](gc)[0].astype(acc)
 
-    blocks = _row_blocks(x, g, stride, dilation, w_shape[0]) if per_image > _CHUNK_BYTES else []
+    blocks = _row_blocks(x, g, stride) if per_image > _CHUNK_BYTES else []
     if len(blocks) > 1:
         # Rows of the padded input read by output rows [r0, r1): [r0 S, (r1 - 1) S + E).
         extent = dilation[0] * (w_shape[0] - 1) + 1
-        xp = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0)))
-        xp = jnp.pad(xp, ((0, 0), (0, max(0, (g.shape[1] - 1) * stride[0] + extent
-                                           - xp.shape[1])), (0, 0), (0, 0)))
+        rows_read = (g.shape[1] - 1) * stride[0] + extent  # may exceed the padded input
+        top = pads[0][0]
+        xp = jnp.pad(x, ((0, 0), (top, max(pads[0][1], rows_read - top - x.shape[1])),
+                         (0, 0), (0, 0)))
         row_pads = ((0, 0), pads[1])
         total = None
         for i in range(n):

@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from cnnjax.ops._checks import check_nhwc
+from cnnjax.ops._windows import offset_windows
 from cnnjax.shapes import Padding2D, conv_output_size, normalize_padding, to_pair
 
 __all__ = ["max_pool", "avg_pool", "l2_pool", "global_avg_pool", "global_max_pool"]
@@ -73,16 +74,6 @@ def _max_pool(x, dims, strides, pads):
     return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides, pads)
 
 
-def _window_offsets(xp, out_shape, dims, strides):
-    """The strided slice of the padded input that each window offset (a, b) sees."""
-    n, ho, wo, c = out_shape
-    for a in range(dims[1]):
-        for b in range(dims[2]):
-            yield lax.slice(xp, (0, a, b, 0),
-                            (n, a + (ho - 1) * strides[1] + 1, b + (wo - 1) * strides[2] + 1, c),
-                            strides)
-
-
 @_max_pool.defjvp
 def _max_pool_jvp(dims, strides, pads, primals, tangents):
     # The tangent of a window's max is the tangent of the cell that holds it: a
@@ -98,8 +89,8 @@ def _max_pool_jvp(dims, strides, pads, primals, tangents):
     tp = lax.pad(t, np.array(0, t.dtype), [(lo, hi, 0) for lo, hi in pads])
     found = jnp.zeros(y.shape, bool)
     out = jnp.zeros(y.shape, t.dtype)
-    for xs, ts in zip(_window_offsets(xp, y.shape, dims, strides),
-                      _window_offsets(tp, y.shape, dims, strides), strict=True):
+    window = (y.shape[1:3], dims[1:3], strides[1:3], (1, 1))
+    for xs, ts in zip(offset_windows(xp, *window), offset_windows(tp, *window), strict=True):
         hit = (xs == y) & ~found
         found = found | hit
         out = out + jnp.where(hit, ts, jnp.zeros((), t.dtype))
