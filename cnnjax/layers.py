@@ -53,7 +53,7 @@ Shape = tuple[int, ...]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
-    "tanh": jnp.tanh,
+    "tanh": ops.tanh,
     "sigmoid": nn.sigmoid,
     "softmax": nn.softmax,
     "log_softmax": nn.log_softmax,

@@ -235,6 +235,9 @@ def test_direct_patch_rule(monkeypatch):
     assert conv_module._pick_forward("auto", (5, 5, 1, 6)) == "direct"
     assert conv_module._pick_forward("auto", (3, 3, 3, 64)) == "direct"
     assert conv_module._pick_forward("auto", (5, 5, 6, 16)) == "xla"
+    monkeypatch.setattr(conv_module, "DIRECT_PATCH_WIDTH_BY_BACKEND", {"cpu": 25})
+    assert conv_module._pick_forward("auto", (5, 5, 1, 6)) == "direct"
+    assert conv_module._pick_forward("auto", (3, 3, 3, 64)) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert conv_module._pick_forward("auto", (5, 5, 1, 6)) == "xla"
 
@@ -303,6 +306,9 @@ def test_full_window_conv_is_one_matrix_product(x64):
 def test_small_patch_rule_picks_col2im_and_im2col_on_cpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16)) == ("col2im", "stacked")
+    # Zero padding: the stacked patch matrix loses to per-image gradients.
+    assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16), ((2, 2), (2, 2))) == (
+        "col2im", "per_image")
     assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 64)) == ("xla", "per_image")
     assert conv_module._pick_grads("xla", "offsets", (5, 5, 1, 6)) == ("xla", "offsets")
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")

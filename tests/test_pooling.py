@@ -12,6 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 from cnnjax.ops import avg_pool, global_avg_pool, global_max_pool, l2_pool, max_pool
+from cnnjax.ops import pooling as pooling_module
 from cnnjax.shapes import ShapeError
 
 # --------------------------------------------------------------------------- reference
@@ -95,6 +96,45 @@ def test_pools_match_numpy(x64, window, stride, padding):
         assert y.shape == ref.shape, name
         assert y.dtype == jnp.float64
         np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["slices", "reduce_window"])
+@pytest.mark.parametrize("window,stride,padding", GRID)
+def test_window_sum_impls_match_numpy_with_derivatives(x64, impl, window, stride, padding):
+    # Both ways of summing a window: the values, the VJP against lax's own
+    # reduce_window autodiff, and forward mode through the custom JVP.
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 7, 8, 3)))
+    dims, strides, pads = pooling_module._window_args(x, window, stride, padding, "test")
+    total = pooling_module._window_sum(x, dims, strides, pads, impl)
+    area = dims[1] * dims[2]
+    np.testing.assert_allclose(total / area, pool_numpy(x, "avg", window, stride, padding),
+                               rtol=1e-12, atol=1e-12)
+
+    def lax_sum(v):
+        return jax.lax.reduce_window(v, 0.0, jax.lax.add, dims, strides, pads)
+
+    g = jnp.asarray(rng.standard_normal(total.shape))
+    mine = jax.vjp(lambda v: pooling_module._window_sum(v, dims, strides, pads, impl), x)[1](g)
+    np.testing.assert_allclose(mine[0], jax.vjp(lax_sum, x)[1](g)[0], rtol=1e-12, atol=1e-12)
+    t = jnp.asarray(rng.standard_normal(x.shape))
+    y, dy = jax.jvp(lambda v: pooling_module._window_sum(v, dims, strides, pads, impl), (x,), (t,))
+    np.testing.assert_allclose(y, total, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dy, lax_sum(t), rtol=1e-12, atol=1e-12)
+
+
+def test_avg_pool_sums_small_windows_as_slices_on_cpu(monkeypatch):
+    # The rule: on the CPU a window of up to 16 cells is summed as strided slices
+    # (no reduce_window in the forward pass), larger windows by reduce_window; under
+    # differentiation the sum goes through reduce_window whatever the size.
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    x = jnp.ones((1, 8, 8, 2), jnp.float32)
+    assert "reduce_window" not in str(jax.make_jaxpr(lambda v: avg_pool(v, 2))(x))
+    assert "reduce_window" in str(jax.make_jaxpr(lambda v: avg_pool(v, 5, 1))(x))
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(avg_pool(v, 2) ** 2)))(x))
+    assert "reduce_window" in grad_jaxpr
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "reduce_window" in str(jax.make_jaxpr(lambda v: avg_pool(v, 2))(x))
 
 
 def test_overlapping_pool_window3_stride2(x64, rng):

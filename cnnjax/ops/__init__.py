@@ -1,9 +1,10 @@
-"""Pure jax.lax kernels: convolution, local response normalization, pooling.
+"""Pure jax.lax kernels: convolution, local response normalization, pooling, tanh.
 
 No Flax, no state: every function maps arrays (and static hyperparameters) to
 arrays and works under ``jit``, ``grad`` and ``vmap``.
 """
 
+from cnnjax.ops.activations import tanh
 from cnnjax.ops.conv import conv2d
 from cnnjax.ops.normalization import local_response_norm
 from cnnjax.ops.pooling import avg_pool, global_avg_pool, global_max_pool, l2_pool, max_pool
@@ -16,4 +17,5 @@ __all__ = [
     "l2_pool",
     "global_avg_pool",
     "global_max_pool",
+    "tanh",
 ]

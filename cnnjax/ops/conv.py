@@ -100,17 +100,20 @@ WEIGHT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "xla"}
 # Layers with few input channels (LeNet-5's conv1/conv2, a 3x3 conv on RGB) are
 # where XLA:CPU's convolutions are slowest: up to a patch width F_h F_w C_in of
 # this many columns the CPU takes dL/dW from the stacked patch matrix
-# ("stacked") and dL/dx as col2im of g W^T ("col2im"), 1.5-2x faster there
-# (NOTES.md). 0 = never.
+# ("stacked", unpadded inputs only) and dL/dx as col2im of g W^T ("col2im"),
+# 1.5-2x faster there (NOTES.md). 0 = never.
 SMALL_PATCH_WIDTH_BY_BACKEND = {"cpu": 256, "gpu": 0, "tpu": 0}
 # Up to this patch width the forward pass is the direct sum of F_h F_w C_in
-# shifted, scaled copies of the input ("direct"), which XLA fuses into one loop.
-# Alone it is 9x faster than XLA:CPU's convolution for LeNet-5's conv1 (25
-# columns) and 1.9x for VGG's block1_conv1 (27), but fused with a following
-# tanh XLA:CPU's loop is no faster than its convolution, whole train steps did
-# not gain beyond noise and compiles took longer (NOTES.md): off by default,
-# selectable with forward_impl="direct".
-DIRECT_PATCH_WIDTH_BY_BACKEND = {"cpu": 0, "gpu": 0, "tpu": 0}
+# shifted, scaled copies of the input ("direct"), which XLA fuses into one loop
+# together with the bias, the activation and a small pool. Alone it is 9x
+# faster than XLA:CPU's convolution for LeNet-5's conv1 (25 columns). Fused
+# with jnp.tanh the loop lost its vectorisation and the gain; with
+# cnnjax.ops.tanh's rational form and avg_pool's sliced window sum, LeNet-5
+# inference is 2x faster. VGG's block1_conv1 (27 columns) is 1.4x faster alone,
+# but inside the whole network XLA splits its loop into five passes over the
+# 224x224x64 output and inference got 8-16% slower: 25 is the limit (NOTES.md,
+# attempts 10 and 17).
+DIRECT_PATCH_WIDTH_BY_BACKEND = {"cpu": 25, "gpu": 0, "tpu": 0}
 
 # A strided filter over an image with this many channels or fewer (AlexNet's
 # conv1: 11x11, stride 4, RGB) runs its forward pass per batch chunk on the CPU:
@@ -137,14 +140,21 @@ def _is_full_window(x_hw, f_hw, pads, dilation) -> bool:
     return tuple(x_hw) == tuple(f_hw) and pads == ((0, 0), (0, 0)) and dilation == (1, 1)
 
 
-def _pick_grads(input_grad_impl, weight_grad_impl, w_shape):
-    """The dL/dx and dL/dW formulations "auto" stands for, for this filter on this backend."""
+def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0))):
+    """The dL/dx and dL/dW formulations "auto" stands for, for this filter on this backend.
+
+    The stacked weight gradient is only picked for unpadded inputs: with zero
+    padding its patch rows are slices of a padded, channel-major copy, and it
+    measured 1.4-6x slower than "per_image" (NOTES.md, attempt 18).
+    """
     fh, fw, c, _ = w_shape
     small = fh * fw * c <= SMALL_PATCH_WIDTH_BY_BACKEND.get(jax.default_backend(), 0)
     if input_grad_impl == "auto":
         input_grad_impl = "col2im" if small else "xla"
     if weight_grad_impl == "auto":
-        weight_grad_impl = "stacked" if small else _pick(WEIGHT_GRAD_IMPL_BY_BACKEND, "auto")
+        unpadded = all(p == (0, 0) for p in pads)
+        weight_grad_impl = ("stacked" if small and unpadded
+                            else _pick(WEIGHT_GRAD_IMPL_BY_BACKEND, "auto"))
     return input_grad_impl, weight_grad_impl
 
 
@@ -600,7 +610,7 @@ def conv2d(
         impl = forward
     else:
         impl = _pick(DILATION_IMPL_BY_BACKEND, dilation_impl)
-    dgrad, wgrad = _pick_grads(input_grad_impl, weight_grad_impl, kernel.shape)
+    dgrad, wgrad = _pick_grads(input_grad_impl, weight_grad_impl, kernel.shape, pads)
     y = _conv(x.astype(dtype), kernel.astype(dtype), s, pads, d, impl, dgrad, wgrad)
     if bias is not None:
         if getattr(bias, "shape", None) != (kernel.shape[3],):

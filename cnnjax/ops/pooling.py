@@ -97,6 +97,55 @@ def _max_pool_jvp(dims, strides, pads, primals, tangents):
     return y, out
 
 
+# Up to this many cells per window the CPU sums a window as F_h F_w strided
+# slices (elementwise adds XLA fuses with the layer before) instead of a
+# reduce_window: fused with a convolution's direct loop and its tanh, XLA:CPU's
+# reduce_window fusion ran LeNet-5's conv1 + tanh + pool 5x slower (NOTES.md,
+# attempt 17). 0 = always reduce_window.
+SLICE_SUM_WINDOW_BY_BACKEND = {"cpu": 16, "gpu": 0, "tpu": 0}
+
+
+def _window_sum(x, dims, strides, pads, impl="auto"):
+    """The sum over each window: ``reduce_window`` or a sum of strided slices."""
+    area = dims[1] * dims[2]
+    if impl == "auto":
+        small = area <= SLICE_SUM_WINDOW_BY_BACKEND.get(jax.default_backend(), 0)
+        impl = "slices" if small else "reduce_window"
+    if impl == "reduce_window":
+        return _reduce_window_sum(x, dims, strides, pads)
+    return _slice_sum(x, dims, strides, pads)
+
+
+def _reduce_window_sum(x, dims, strides, pads):
+    return lax.reduce_window(x, np.zeros((), x.dtype), lax.add, dims, strides, pads)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _slice_sum(x, dims, strides, pads):
+    xp = lax.pad(x, np.zeros((), x.dtype), [(lo, hi, 0) for lo, hi in pads])
+    out_hw = tuple(
+        (n + lo + hi - f) // s + 1
+        for n, (lo, hi), f, s in zip(x.shape[1:3], pads[1:3], dims[1:3], strides[1:3], strict=True)
+    )
+    windows = offset_windows(xp, out_hw, dims[1:3], strides[1:3], (1, 1))
+    total = windows[0]
+    for w in windows[1:]:
+        total = total + w
+    return total
+
+
+@_slice_sum.defjvp
+def _slice_sum_jvp(dims, strides, pads, primals, tangents):
+    # Under differentiation the sum is taken by reduce_window, of the primal and
+    # of the tangent: the backward pass is then its transpose (a pad and a
+    # reduce_window). The sliced form's transpose (F_h F_w interior pads, fused
+    # with the layer's activation derivative) made LeNet-5's train step 3x
+    # slower on XLA:CPU, and a sliced primal was fused twice (into the pool and
+    # into the saved activation), 10% slower.
+    (x,), (t,) = primals, tangents
+    return _reduce_window_sum(x, dims, strides, pads), _reduce_window_sum(t, dims, strides, pads)
+
+
 def avg_pool(
     x: jax.Array,
     window: int | Sequence[int],
@@ -109,11 +158,11 @@ def avg_pool(
     x = _as_float(x)
     dims, strides, pads = _window_args(x, window, stride, padding, "avg_pool")
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
-    total = lax.reduce_window(x.astype(acc), np.zeros((), acc), lax.add, dims, strides, pads)
+    total = _window_sum(x.astype(acc), dims, strides, pads)
     if count_include_pad or all(p == (0, 0) for p in pads):
         return (total / (dims[1] * dims[2])).astype(x.dtype)
     ones = jnp.ones((1, *x.shape[1:3], 1), acc)
-    count = lax.reduce_window(ones, np.zeros((), acc), lax.add, dims, strides, pads)
+    count = _window_sum(ones, dims, strides, pads, "reduce_window")
     return (total / count).astype(x.dtype)
 
 
