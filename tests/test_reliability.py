@@ -87,10 +87,13 @@ class Train:
         self.workdir = workdir
         self.log_path = tmp_path / f"{tag}.log"
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-        # Only lines this process writes count (earlier runs may have logged further
-        # than their newest complete checkpoint).
-        self.metrics_offset = (os.path.getsize(self.metrics_path)
-                               if os.path.exists(self.metrics_path) else 0)
+        # Only lines this process writes count: earlier runs may have logged further
+        # than their newest complete checkpoint. The process drops those lines by
+        # replacing the file (a new inode); until then its lines follow the old end.
+        self.metrics_offset, self.metrics_inode = 0, None
+        if os.path.exists(self.metrics_path):
+            stat = os.stat(self.metrics_path)
+            self.metrics_offset, self.metrics_inode = stat.st_size, stat.st_ino
         args = [f"--config.{k}={v}" for k, v in RUN.items()]
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
         self.started = time.time()
@@ -106,7 +109,8 @@ class Train:
         if not os.path.exists(self.metrics_path):
             return -1
         with open(self.metrics_path) as f:
-            f.seek(self.metrics_offset)
+            if os.fstat(f.fileno()).st_ino == self.metrics_inode:
+                f.seek(self.metrics_offset)
             lines = f.read().splitlines(keepends=True)
         steps = [json.loads(line)["step"] for line in lines if line.endswith("\n")]
         return max(steps, default=-1)
@@ -246,6 +250,13 @@ def test_kill_9_at_ten_moments_resumes_each_time_and_ends_bit_for_bit(reference,
     assert last.resumed_from() == expected_resume
     assert "Traceback" not in last.log()
     assert_trees_equal(final_params(workdir), reference["params"])
+    # Lines the killed runs logged past their checkpoints were dropped on resume:
+    # every kind of line appears once per step, in step order.
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    keys = [(r["step"], tuple(sorted(r))) for r in records]
+    assert len(keys) == len(set(keys))
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
 
 
 # --------------------------------------------------------------------------- non-finite

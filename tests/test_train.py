@@ -93,6 +93,32 @@ def test_resume_after_stop_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in lines if "test_accuracy" in r] == [44, 88]
 
 
+def test_resume_drops_metric_lines_logged_past_the_checkpoint(tmp_path):
+    # A run killed after logging past its newest checkpoint: the lines after that
+    # checkpoint (and a torn last line) go, the resumed run logs those steps once.
+    config = small_config(num_epochs=1, checkpoint_every_steps=20, log_every_steps=5)
+    stopped = config.copy_and_resolve_references()
+    stopped.stop_after_steps = 20
+    train_and_evaluate(stopped, str(tmp_path))
+    path = tmp_path / "metrics.jsonl"
+    before = path.read_text()
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 25, "epoch": 0.6, "train_loss": 9.0}) + "\n")
+        f.write('{"step": 30, "train_lo')
+    result = train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 44
+    text = path.read_text()
+    assert text.startswith(before)
+    records = [json.loads(line) for line in text.splitlines()]
+    # One line of each kind per step (the epoch's summary shares step 44 with the
+    # interval line), in step order; the planted step-25 line is gone.
+    keys = [(r["step"], tuple(sorted(r))) for r in records]
+    assert len(keys) == len(set(keys))
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
+    assert 25 in [r["step"] for r in records]
+    assert all(r["train_loss"] != 9.0 for r in records if "train_loss" in r)
+
+
 def test_mock_tfds_short_run(tmp_path):
     import tensorflow_datasets as tfds
 

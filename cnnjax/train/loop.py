@@ -515,6 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if compiler is not None:
         log.info("compiled in %.1f s (%.1f s since start)", time.time() - t_compile,
                  time.time() - t_start)
+    writer.discard_after(step)  # lines a killed run logged past its checkpoint
 
     # ---- loop
     progress = Progress(total_steps, step, enabled=config.get("progress_bar", True) and is_main)

@@ -37,6 +37,17 @@ def _import_tensorboardx():
     return SummaryWriter
 
 
+def _line_step(line: str) -> int | None:
+    """The step of one complete metrics.jsonl line; None for a torn or foreign line."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class MetricWriter:
     """Writes scalar metrics to JSON lines and TensorBoard (process 0 only)."""
 
@@ -82,6 +93,43 @@ class MetricWriter:
             for key, value in record.items():
                 if key not in ("step", "epoch") and value is not None:
                     tb.add_scalar(key, value, global_step=int(step))
+
+    def discard_after(self, step: int) -> None:
+        """Drops the lines of steps after ``step`` (and a torn last line).
+
+        A run killed after logging past its newest checkpoint resumes from that
+        checkpoint and logs those steps again: without this, metrics.jsonl would
+        hold them twice. The file is replaced atomically, and only when
+        something is dropped.
+        """
+        if not self.enabled:
+            return
+        if self._remote:
+            from etils import epath
+
+            path = epath.Path(self.path)
+            if not path.exists():
+                return
+            lines = path.read_text().splitlines(keepends=True)
+        else:
+            if not os.path.exists(self.path):
+                return
+            with open(self.path) as f:
+                lines = f.readlines()
+        keep = [line for line in lines if _line_step(line) is not None
+                and _line_step(line) <= step]
+        if len(keep) == len(lines):
+            return
+        if self._remote:
+            self._lines = ["".join(keep)]
+            path.write_text(self._lines[0])
+            return
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self._tb is not None:
