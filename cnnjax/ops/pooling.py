@@ -123,10 +123,9 @@ def _reduce_window_sum(x, dims, strides, pads):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _slice_sum(x, dims, strides, pads):
     xp = lax.pad(x, np.zeros((), x.dtype), [(lo, hi, 0) for lo, hi in pads])
-    out_hw = tuple(
-        (n + lo + hi - f) // s + 1
-        for n, (lo, hi), f, s in zip(x.shape[1:3], pads[1:3], dims[1:3], strides[1:3], strict=True)
-    )
+    out_hw = tuple(conv_output_size(n, f, s, p, 1, exact=False)
+                   for n, f, s, p in zip(x.shape[1:3], dims[1:3], strides[1:3], pads[1:3],
+                                         strict=True))
     windows = offset_windows(xp, out_hw, dims[1:3], strides[1:3], (1, 1))
     total = windows[0]
     for w in windows[1:]:

@@ -37,15 +37,15 @@ def _import_tensorboardx():
     return SummaryWriter
 
 
-def _line_step(line: str) -> int | None:
-    """The step of one complete metrics.jsonl line; None for a torn or foreign line."""
+def _logged_after(line: str, step: int) -> bool:
+    """A metrics.jsonl line to drop on resume: torn (no newline) or logged after ``step``."""
     if not line.endswith("\n"):
-        return None
+        return True
     try:
-        step = json.loads(line).get("step")
+        logged = json.loads(line).get("step")
     except (ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) else None
+        return False  # not one of ours: left alone
+    return isinstance(logged, int) and logged > step
 
 
 class MetricWriter:
@@ -116,8 +116,7 @@ class MetricWriter:
                 return
             with open(self.path) as f:
                 lines = f.readlines()
-        keep = [line for line in lines if _line_step(line) is not None
-                and _line_step(line) <= step]
+        keep = [line for line in lines if not _logged_after(line, step)]
         if len(keep) == len(lines):
             return
         if self._remote:
