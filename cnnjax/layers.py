@@ -87,7 +87,11 @@ def _check_rank(shape: Shape, layer: str, rank: int = 3) -> None:
 
 
 class Activation(nn.Module):
-    """An elementwise activation by name: relu, tanh, sigmoid, softmax, log_softmax, linear."""
+    """An elementwise activation by name: relu, tanh, sigmoid, softmax, log_softmax, linear.
+
+    "tanh" is :func:`cnnjax.ops.tanh` (on the CPU a rational form that XLA fuses
+    into the layer's loop; within 4.6 ulps of tanh in float32).
+    """
 
     activation: str = "relu"
 

@@ -42,9 +42,11 @@ flipped filters"), with ``g = dL/dy``:
 A filter that covers the whole unpadded input (output ``1 x 1``) is a dense
 layer, ``y = x_flat W_flat``, and is computed as one matrix product forward and
 backward. The forward pass itself can also be the direct sum of ``F_h F_w
-C_in`` shifted copies of ``x`` times a filter row (``forward_impl="direct"``)
-or XLA's convolution per batch chunk (``"per_image"``, picked on the CPU for a
-strided filter over an RGB image, such as AlexNet's conv1).
+C_in`` shifted copies of ``x`` times a filter row (``forward_impl="direct"``,
+picked on the CPU for patch widths up to 25, such as LeNet-5's conv1, where XLA
+fuses it with the bias, :func:`cnnjax.ops.tanh` and a small average pool into
+one loop) or XLA's convolution per batch chunk (``"per_image"``, picked on the
+CPU for a strided filter over an RGB image, such as AlexNet's conv1).
 
 Dilated convolutions can run natively (XLA's ``rhs_dilation``) or by the
 "atrous" space-to-batch trick: split the padded input into ``D_h * D_w``
