@@ -127,10 +127,15 @@ def test_space_to_batch_forward_matches_lax(padding, dilation):
 )
 @pytest.mark.parametrize("dilation_impl", ["native", "space_to_batch"])
 def test_forward_matches_numpy_loop(x64, stride, padding, dilation, dilation_impl):
-    rng = np.random.default_rng(3)
-    x, w = rng.standard_normal((2, 7, 6, 2)), rng.standard_normal((3, 2, 2, 3))
+    _check_forward_against_numpy(3, (2, 7, 6, 2), (3, 2, 2, 3), stride, padding, dilation,
+                                 dilation_impl=dilation_impl)
+
+
+def _check_forward_against_numpy(seed, x_shape, w_shape, stride, padding, dilation, **impl):
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     y = conv2d(jnp.asarray(x), jnp.asarray(w), stride=stride, padding=padding,
-               dilation=dilation, dilation_impl=dilation_impl)
+               dilation=dilation, **impl)
     ref = conv_numpy(x, w, stride, padding, dilation)
     assert y.dtype == jnp.float64
     assert y.shape == ref.shape
@@ -209,13 +214,8 @@ def test_vjp_each_impl_matches_lax_autodiff(x64, stride, padding, dilation, dila
 def test_forward_impls_match_numpy_loop(x64, monkeypatch, stride, padding, dilation,
                                         forward_impl):
     monkeypatch.setattr(conv_module, "_CHUNK_BYTES", 1)  # per_image: one image per chunk
-    rng = np.random.default_rng(19)
-    x, w = rng.standard_normal((2, 9, 8, 2)), rng.standard_normal((2, 3, 2, 3))
-    y = conv2d(jnp.asarray(x), jnp.asarray(w), stride=stride, padding=padding,
-               dilation=dilation, forward_impl=forward_impl)
-    ref = conv_numpy(x, w, stride, padding, dilation)
-    assert y.shape == ref.shape
-    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    _check_forward_against_numpy(19, (2, 9, 8, 2), (2, 3, 2, 3), stride, padding, dilation,
+                                 forward_impl=forward_impl)
 
 
 def test_direct_forward_accumulates_bfloat16_in_float32():

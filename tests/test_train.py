@@ -228,3 +228,21 @@ def test_cpu_compiler_options_drop_the_copies_of_donated_parameters():
     config = default_config()
     config.fast_cpu_compile = False
     assert compiler_options(config) == {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+def test_metric_writer_remote_path_rewrites_and_discards(tmp_path):
+    # The gs:// code path (whole-file rewrites through etils.epath), on a local directory.
+    from cnnjax.train.metrics import MetricWriter
+
+    writer = MetricWriter(str(tmp_path), tensorboard=False)
+    writer._remote = True
+    for step in (5, 10, 15):
+        writer.write(step, {"train_loss": float(step)})
+    writer.discard_after(10)
+    writer.write(15, {"train_loss": 1.5})
+    again = MetricWriter(str(tmp_path), tensorboard=False)
+    again._remote = True
+    again.write(20, {"train_loss": 2.0})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train_loss"]) for r in records] == [(5, 5.0), (10, 10.0), (15, 1.5),
+                                                               (20, 2.0)]

@@ -62,6 +62,21 @@ class MetricWriter:
         self._tb = None
         self._tb_enabled = enabled and tensorboard
 
+    def _epath(self):
+        from etils import epath
+
+        return epath.Path(self.path)
+
+    def _read(self) -> str | None:
+        """The file's text, or None when there is no file yet."""
+        if self._remote:
+            path = self._epath()
+            return path.read_text() if path.exists() else None
+        if not os.path.exists(self.path):
+            return None
+        with open(self.path) as f:
+            return f.read()
+
     def _tensorboard(self):
         if self._tb is None and self._tb_enabled:
             self._tb_enabled = False
@@ -79,12 +94,10 @@ class MetricWriter:
             record[key] = value if not (isinstance(value, float) and math.isnan(value)) else None
         line = json.dumps(record) + "\n"
         if self._remote:
-            from etils import epath
-
-            if not self._lines and epath.Path(self.path).exists():
-                self._lines = [epath.Path(self.path).read_text()]
+            if not self._lines:
+                self._lines = [self._read() or ""]
             self._lines.append(line)
-            epath.Path(self.path).write_text("".join(self._lines))
+            self._epath().write_text("".join(self._lines))
         else:
             with open(self.path, "a") as f:
                 f.write(line)
@@ -102,26 +115,16 @@ class MetricWriter:
         hold them twice. The file is replaced atomically, and only when
         something is dropped.
         """
-        if not self.enabled:
+        text = self._read() if self.enabled else None
+        if not text:
             return
-        if self._remote:
-            from etils import epath
-
-            path = epath.Path(self.path)
-            if not path.exists():
-                return
-            lines = path.read_text().splitlines(keepends=True)
-        else:
-            if not os.path.exists(self.path):
-                return
-            with open(self.path) as f:
-                lines = f.readlines()
+        lines = text.splitlines(keepends=True)
         keep = [line for line in lines if not _logged_after(line, step)]
         if len(keep) == len(lines):
             return
         if self._remote:
             self._lines = ["".join(keep)]
-            path.write_text(self._lines[0])
+            self._epath().write_text(self._lines[0])
             return
         tmp = f"{self.path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
