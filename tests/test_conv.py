@@ -251,6 +251,106 @@ def test_strided_input_layer_rule(monkeypatch):
     assert conv_module._pick_forward("auto", (11, 11, 3, 96), (4, 4)) == "xla"
 
 
+# --------------------------------------------------------------------------- Winograd F(2x2, 3x3)
+
+WINOGRAD_CASES = [((2, 7, 9, 3), 1), ((1, 6, 6, 2), 0), ((2, 8, 5, 2), 2),
+                  ((1, 5, 8, 3), ((0, 2), (1, 0))), ((2, 6, 7, 1), "SAME"),
+                  ((1, 3, 4, 2), ((2, 2), (0, 1))), ((1, 4, 3, 2), ((1, 0), (0, 0)))]
+
+
+@pytest.mark.parametrize("x_shape,padding", WINOGRAD_CASES)
+def test_winograd_matches_numpy_loop_and_lax_vjp(x64, x_shape, padding):
+    # Odd and even output sizes (a last tile that is cut), asymmetric padding.
+    _check_forward_against_numpy(21, x_shape, (3, 3, x_shape[3], 4), 1, padding, 1,
+                                 forward_impl="winograd")
+    rng = np.random.default_rng(22)
+    x = jnp.asarray(rng.standard_normal(x_shape))
+    w = jnp.asarray(rng.standard_normal((3, 3, x_shape[3], 4)))
+    f = functools.partial(conv2d, padding=padding, forward_impl="winograd")
+    y, vjp = jax.vjp(f, x, w)
+    ref, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w, 1, padding, 1), x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_winograd_check_grads_order2(x64):
+    rng = np.random.default_rng(23)
+    x = jnp.asarray(rng.standard_normal((1, 5, 6, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 3)))
+    check_grads(lambda x, w: conv2d(x, w, padding=((1, 0), (2, 1)), forward_impl="winograd"),
+                (x, w), order=2, modes=["rev"])
+
+
+def test_winograd_float32_error_is_that_of_xla(x64):
+    # The transforms only add and halve: in float32 the error against a float64
+    # reference stays within a small factor of XLA's own convolution, for the
+    # output and both gradients, at a VGG-like width.
+    rng = np.random.default_rng(24)
+    x = rng.standard_normal((2, 10, 12, 256))
+    w = rng.standard_normal((3, 3, 256, 8)) / 48
+    g = rng.standard_normal((2, 10, 12, 8))
+    exact = [np.asarray(v) for v in _value_and_vjp(conv_lax, x, w, g, padding=1)]
+    with jax.enable_x64(False):
+        x32, w32, g32 = (v.astype(np.float32) for v in (x, w, g))
+        wino = _value_and_vjp(conv2d, x32, w32, g32, padding=1, forward_impl="winograd")
+        xla = _value_and_vjp(conv_lax, x32, w32, g32, padding=1)
+    for name, e, a, b in zip(("y", "dx", "dw"), exact, wino, xla, strict=True):
+        err_wino = np.max(np.abs(np.asarray(a, np.float64) - e))
+        err_xla = np.max(np.abs(np.asarray(b, np.float64) - e))
+        assert err_wino <= 4 * err_xla + 1e-7 * np.max(np.abs(e)), (name, err_wino, err_xla)
+
+
+def _value_and_vjp(f, x, w, g, **kwargs):
+    y, vjp = jax.vjp(lambda x, w: f(x, w, **kwargs), jnp.asarray(x), jnp.asarray(w))
+    return (y, *vjp(jnp.asarray(g)))
+
+
+def test_winograd_bfloat16_computes_in_float32():
+    rng = np.random.default_rng(25)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 8)) / 12, jnp.bfloat16)
+    y = conv2d(x, w, padding=1, forward_impl="winograd")
+    assert y.dtype == jnp.bfloat16
+    ref = conv_lax(x.astype(jnp.float32), w.astype(jnp.float32), 1, 1, 1)
+    np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2**-7, atol=2**-7)
+
+
+def test_winograd_rule(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    pick = conv_module._pick_forward
+    assert pick("auto", (3, 3, 256, 256)) == "winograd"
+    assert pick("auto", (3, 3, 512, 64), (1, 1), (1, 1), jnp.float32) == "winograd"
+    assert pick("auto", (3, 3, 128, 256)) == "xla"          # VGG-16 block 2/3 entry
+    assert pick("auto", (3, 3, 256, 256), (2, 2)) == "xla"  # strided
+    assert pick("auto", (3, 3, 256, 256), (1, 1), (2, 2)) == "xla"  # dilated
+    assert pick("auto", (5, 5, 256, 256)) == "xla"
+    assert pick("auto", (3, 3, 256, 256), dtype=jnp.bfloat16) == "xla"
+    assert pick("auto", (3, 3, 256, 256), dtype=jnp.float64) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert pick("auto", (3, 3, 256, 256)) == "xla"
+
+
+def test_winograd_matches_torch(x64):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(26)
+    x, w, b = (rng.standard_normal(s) for s in ((2, 9, 8, 3), (3, 3, 3, 5), (5,)))
+    f = functools.partial(conv2d, padding=1, forward_impl="winograd")
+    y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
+    g = rng.standard_normal(y.shape)
+    dx, dw, db = vjp(jnp.asarray(g))
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    tw = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)
+    tb = torch.tensor(b, requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tw, tb, padding=1)
+    ty.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(y, ty.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-10,
+                               atol=1e-10)
+    np.testing.assert_allclose(dx, tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dw, tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(db, tb.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("input_grad_impl", DGRAD_IMPLS)
 @pytest.mark.parametrize("stride,padding,dilation", VJP_GRID)
 def test_vjp_each_input_grad_impl_matches_lax_autodiff(x64, stride, padding, dilation,
@@ -552,6 +652,13 @@ W4 = np.zeros((3, 3, 3, 2), np.float32)
         (X4, W4, {"weight_grad_impl": "fft"},
          r"conv2d: weight_grad_impl must be one of .*'fft'"),
         (X4, W4, {"forward_impl": "fft"}, r"conv2d: forward_impl must be one of .*'fft'"),
+        (X4, W4, {"forward_impl": "winograd", "stride": 2},
+         r"conv2d: forward_impl='winograd' needs a 3x3 filter at stride 1 and dilation 1, "
+         r"got a 3x3 filter, stride \(2, 2\), dilation \(1, 1\); use forward_impl='auto'"),
+        (X4, np.zeros((2, 3, 3, 2), np.float32), {"forward_impl": "winograd"},
+         r"forward_impl='winograd' needs a 3x3 filter .* got a 2x3 filter"),
+        (X4, W4, {"forward_impl": "winograd", "dilation": (1, 2)},
+         r"forward_impl='winograd' needs .* dilation \(1, 2\)"),
         (X4, W4, {"input_grad_impl": "fft"},
          r"conv2d: input_grad_impl must be one of .*'fft'"),
     ],

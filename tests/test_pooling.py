@@ -137,6 +137,42 @@ def test_avg_pool_sums_small_windows_as_slices_on_cpu(monkeypatch):
     assert "reduce_window" in str(jax.make_jaxpr(lambda v: avg_pool(v, 2))(x))
 
 
+@pytest.mark.parametrize("table", [{"cpu": 16}, {}])
+@pytest.mark.parametrize("window,stride,padding", GRID)
+def test_max_pool_slices_and_reduce_window_agree(x64, monkeypatch, table, window, stride,
+                                                 padding):
+    # Both ways of taking a window's maximum (strided slices on the CPU for small
+    # windows, reduce_window otherwise): values against the numpy loop, -inf padding,
+    # NaN propagation, and the gradient against lax's own reduce_window autodiff.
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(pooling_module, "SLICE_MAX_WINDOW_BY_BACKEND", table)
+    lax_stride = window if stride is None else stride
+    rng = np.random.default_rng(2)
+    x = distinct_values(rng, (2, 7, 8, 3))
+    y = max_pool(jnp.asarray(x), window, stride, padding)
+    np.testing.assert_array_equal(y, pool_numpy(x, "max", window, stride, padding))
+    xn = x.copy()
+    xn[0, 3, 4, 1] = np.nan
+    yn = np.asarray(max_pool(jnp.asarray(xn), window, stride, padding))
+    np.testing.assert_array_equal(np.isnan(yn), np.isnan(np.asarray(
+        _max_pool_lax(jnp.asarray(xn), window, lax_stride, padding))))
+    assert np.isnan(yn).any()
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    mine = jax.vjp(lambda v: max_pool(v, window, stride, padding), jnp.asarray(x))[1](g)[0]
+    ref = jax.vjp(lambda v: _max_pool_lax(v, window, lax_stride, padding),
+                  jnp.asarray(x))[1](g)[0]
+    np.testing.assert_array_equal(mine, ref)
+
+
+def test_max_pool_takes_small_windows_as_slices_on_cpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    x = jnp.ones((1, 8, 8, 2), jnp.float32)
+    assert "reduce_window" not in str(jax.make_jaxpr(lambda v: max_pool(v, 3, 2))(x))
+    assert "reduce_window" in str(jax.make_jaxpr(lambda v: max_pool(v, 5, 1))(x))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "reduce_window" in str(jax.make_jaxpr(lambda v: max_pool(v, 2))(x))
+
+
 def test_overlapping_pool_window3_stride2(x64, rng):
     # AlexNet's overlapping pooling: 55 -> 27 (and 13 -> 6 on this small input).
     x = rng.standard_normal((1, 13, 13, 2))

@@ -82,6 +82,7 @@ __all__ = [
     "SMALL_PATCH_WIDTH_BY_BACKEND",
     "DIRECT_PATCH_WIDTH_BY_BACKEND",
     "STRIDED_INPUT_CHANNELS_BY_BACKEND",
+    "WINOGRAD_MIN_CHANNELS_BY_BACKEND",
 ]
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -123,8 +124,16 @@ DIRECT_PATCH_WIDTH_BY_BACKEND = {"cpu": 25, "gpu": 0, "tpu": 0}
 # time than on a batch of 16 or 64. Other layers were 5-25% slower chunked (NOTES.md).
 STRIDED_INPUT_CHANNELS_BY_BACKEND = {"cpu": 4, "gpu": 0, "tpu": 0}
 
+# A 3x3 filter at stride 1 and dilation 1 over at least this many float32 input
+# channels takes Winograd's F(2x2, 3x3) form, forward and backward ("winograd").
+# On the 2-core CPU, forward + backward of VGG-16's layers alone: 1.3-1.45x
+# faster from 256 input channels (blocks 3-5), even at 128 (block 2) and slower
+# at 64 (block 1), where the tile transforms outweigh the saved products
+# (NOTES.md, attempt 22). Absent = never.
+WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": 256}
+
 _IMPLS = ("auto", "native", "space_to_batch")
-_FWD_IMPLS = ("auto", "xla", "direct", "per_image")
+_FWD_IMPLS = ("auto", "xla", "direct", "per_image", "winograd")
 _WGRAD_IMPLS = ("auto", "per_image", "im2col", "stacked", "offsets", "xla")
 _DGRAD_IMPLS = ("auto", "xla", "col2im")
 
@@ -160,13 +169,21 @@ def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0)
     return input_grad_impl, weight_grad_impl
 
 
-def _pick_forward(forward_impl, w_shape, stride=(1, 1)):
+def _winograd_fits(w_shape, stride, dilation) -> bool:
+    return tuple(w_shape[:2]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+
+
+def _pick_forward(forward_impl, w_shape, stride=(1, 1), dilation=(1, 1), dtype=jnp.float32):
     if forward_impl != "auto":
         return forward_impl
     fh, fw, c, _ = w_shape
     backend = jax.default_backend()
     if fh * fw * c <= DIRECT_PATCH_WIDTH_BY_BACKEND.get(backend, 0):
         return "direct"
+    min_channels = WINOGRAD_MIN_CHANNELS_BY_BACKEND.get(backend)
+    if (min_channels is not None and c >= min_channels and jnp.dtype(dtype) == jnp.float32
+            and _winograd_fits(w_shape, stride, dilation)):
+        return "winograd"
     if max(stride) > 1 and c <= STRIDED_INPUT_CHANNELS_BY_BACKEND.get(backend, 0):
         return "per_image"
     return "xla"
@@ -245,7 +262,76 @@ def _forward_per_image(x, w, stride, pads, dilation):
                             for i in range(0, n, size)])
 
 
+# Winograd's minimal filtering F(2, 3) (Lavin & Gray, "Fast Algorithms for
+# Convolutional Neural Networks", 2016): two outputs of a 3-tap correlation from
+# a 4-cell tile d as A^T [(G w) * (B^T d)], 4 products instead of 6. In 2-D,
+# F(2x2, 3x3): Y = A^T [(G w G^T) * (B^T d B)] A, 16 products instead of 36.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(coefficients, terms):
+    """sum_i coefficients[i] * terms[i], skipping zeros and multiplying by +-1 for free."""
+    total = None
+    for coefficient, term in zip(coefficients, terms, strict=True):
+        if coefficient == 0:
+            continue
+        if coefficient != 1:
+            term = -term if coefficient == -1 else term * jnp.asarray(coefficient, term.dtype)
+        total = term if total is None else total + term
+    return total
+
+
+def _winograd_conv(x, w, pads):
+    """A 3x3, stride-1 convolution in Winograd's F(2x2, 3x3) form.
+
+    The output is cut into 2x2 tiles; tile (t, s) reads the 4x4 input tile at
+    rows 2t.., columns 2s.. of the padded input. With ``V = B^T d B`` per input
+    tile and channel, ``U = G w G^T`` per filter, the 16 entries ``(a, b)`` of a
+    tile are independent: ``M_ab = V_ab U_ab`` is one matrix product
+    ``(N T_h T_w, C_in) x (C_in, K)`` per entry, 16 products of 4/9 of the
+    direct method's multiply-adds in all, and ``Y = A^T M A`` gives the 2x2
+    outputs. Every transform is a sum of strided slices scaled by 0, +-1 or
+    +-1/2 (XLA fuses each into one loop); the 16 products stay separate arrays
+    (stacking them for one batched product was slower on XLA:CPU).
+    Differentiated, it is its own exact transpose: dL/dW comes from 16 products
+    ``V_ab^T (dL/dM_ab)``, dL/dx from ``(dL/dM_ab) U_ab^T``, again 4/9 of the work.
+    Float32 rounding stays that of the direct sum (the transforms only add and
+    halve); narrower floats are computed in float32.
+    """
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    xa, wa = x.astype(acc), w.astype(acc)
+    n, h, wd, c = x.shape
+    k = w.shape[3]
+    (top, bottom), (left, right) = pads
+    ho, wo = h + top + bottom - 2, wd + left + right - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    # Extra zero rows/columns complete the last tile (its extra outputs are cut off).
+    xp = lax.pad(xa, jnp.zeros((), acc), ((0, 0, 0), (top, 2 * th + 2 - h - top, 0),
+                                         (left, 2 * tw + 2 - wd - left, 0), (0, 0, 0)))
+    rows = [lax.slice_in_dim(xp, u, u + 2 * th - 1, 2, axis=1) for u in range(4)]
+    w_rows = [wa[i] for i in range(3)]
+    g_rows = [_combine(gi, w_rows) for gi in _WINOGRAD_G]  # (3, C, K): G w
+    m = [[None] * 4 for _ in range(4)]
+    for a in range(4):
+        row_a = _combine(_WINOGRAD_BT[a], rows)  # (N, T_h, W_p, C): B^T d
+        cols = [lax.slice_in_dim(row_a, v, v + 2 * tw - 1, 2, axis=2) for v in range(4)]
+        for b in range(4):
+            v_ab = _combine(_WINOGRAD_BT[b], cols).reshape(-1, c)
+            u_ab = _combine(_WINOGRAD_G[b], [g_rows[a][j] for j in range(3)])
+            m[a][b] = jnp.dot(v_ab, u_ab, preferred_element_type=acc).reshape(n, th, tw, k)
+    tiles = []
+    for i in range(2):
+        rows_i = [_combine(_WINOGRAD_AT[i], [m[a][b] for a in range(4)]) for b in range(4)]
+        tiles.append(jnp.stack([_combine(_WINOGRAD_AT[j], rows_i) for j in range(2)], axis=3))
+    y = jnp.stack(tiles, axis=2).reshape(n, 2 * th, 2 * tw, k)  # (N, T_h, i, T_w, j, K)
+    return y[:, :ho, :wo].astype(x.dtype)
+
+
 def _forward(x, w, stride, pads, dilation, impl):
+    if impl == "winograd":
+        return _winograd_conv(x, w, pads)
     if impl == "dense":
         return _dense(x, w)
     if impl == "per_image":
@@ -505,6 +591,10 @@ def _conv_fwd(x, w, stride, pads, dilation, impl, dgrad_impl, wgrad_impl):
 
 def _conv_bwd(stride, pads, dilation, impl, dgrad_impl, wgrad_impl, residuals, g):
     x, w = residuals
+    if impl == "winograd":
+        # The transpose of the Winograd form (its forward products are dead code).
+        dx, dw = jax.vjp(lambda x, w: _winograd_conv(x, w, pads), x, w)[1](g)
+        return dx.astype(x.dtype), dw.astype(w.dtype)
     dx = _input_grad(g, w, x.shape[1:3], stride, pads, dilation, impl, dgrad_impl)
     dw = _weight_grad(x, g, w.shape, stride, pads, dilation,
                       "dense" if impl == "dense" else wgrad_impl)
@@ -547,7 +637,10 @@ def conv2d(
         "direct" (the sum of F_h F_w C_in shifted copies of x times a filter row, for
         filters with a small patch width; see ``DIRECT_PATCH_WIDTH_BY_BACKEND``) or
         "per_image" (XLA's convolution per cache-sized batch chunk; "auto" picks it
-        for strided filters over few channels, ``STRIDED_INPUT_CHANNELS_BY_BACKEND``).
+        for strided filters over few channels, ``STRIDED_INPUT_CHANNELS_BY_BACKEND``)
+        or "winograd" (Winograd's F(2x2, 3x3), forward and backward: 3x3 filters at
+        stride 1 and dilation 1 only; "auto" picks it for many float32 input
+        channels, ``WINOGRAD_MIN_CHANNELS_BY_BACKEND``).
       input_grad_impl: "auto", "xla" (a forward convolution of the stride-dilated g with
         the flipped filter) or "col2im" (g W^T added back where each patch was read);
         "auto" picks col2im for small patch widths on the backends that gain from it.
@@ -608,7 +701,12 @@ def conv2d(
     dtype = compute_dtype(x, kernel)
     if _is_full_window(x.shape[1:3], fhw, pads, d):
         impl = "dense"
-    elif (forward := _pick_forward(forward_impl, kernel.shape, s)) != "xla":
+    elif (forward := _pick_forward(forward_impl, kernel.shape, s, d, dtype)) != "xla":
+        if forward == "winograd" and not _winograd_fits(kernel.shape, s, d):
+            raise ValueError(
+                f"conv2d: forward_impl='winograd' needs a 3x3 filter at stride 1 and dilation "
+                f"1, got a {fhw[0]}x{fhw[1]} filter, stride {s}, dilation {d}; use "
+                "forward_impl='auto' or 'xla'.")
         impl = forward
     else:
         impl = _pick(DILATION_IMPL_BY_BACKEND, dilation_impl)

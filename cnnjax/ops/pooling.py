@@ -69,8 +69,31 @@ def max_pool(
     return _max_pool(x, dims, strides, pads)
 
 
+# Up to this many cells per window the CPU takes a window's maximum as the
+# elementwise maximum of its F_h F_w strided slices instead of a reduce_window.
+# XLA:CPU hands reduce_windows to YNNPACK, which fuses them with the products
+# that follow: VGG-16's last pool and its classifier ran 20x slower in one such
+# fusion than apart (NOTES.md, attempt 23). 0 = always reduce_window.
+SLICE_MAX_WINDOW_BY_BACKEND = {"cpu": 16, "gpu": 0, "tpu": 0}
+
+
+def _pooled_hw(x, dims, strides, pads):
+    return tuple(conv_output_size(n, f, s, p, 1, exact=False)
+                 for n, f, s, p in zip(x.shape[1:3], dims[1:3], strides[1:3], pads[1:3],
+                                       strict=True))
+
+
+def _padded_windows(x, dims, strides, pads, fill):
+    """The F_h F_w strided slices of x padded with ``fill``, one per window offset."""
+    xp = lax.pad(x, np.array(fill, x.dtype), [(lo, hi, 0) for lo, hi in pads])
+    return offset_windows(xp, _pooled_hw(x, dims, strides, pads), dims[1:3], strides[1:3],
+                          (1, 1))
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, dims, strides, pads):
+    if dims[1] * dims[2] <= SLICE_MAX_WINDOW_BY_BACKEND.get(jax.default_backend(), 0):
+        return functools.reduce(lax.max, _padded_windows(x, dims, strides, pads, -np.inf))
     return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides, pads)
 
 
@@ -85,12 +108,10 @@ def _max_pool_jvp(dims, strides, pads, primals, tangents):
     # scatter: 2-3x the time in AlexNet and VGG training steps).
     (x,), (t,) = primals, tangents
     y = _max_pool(x, dims, strides, pads)
-    xp = lax.pad(x, np.array(-np.inf, x.dtype), [(lo, hi, 0) for lo, hi in pads])
-    tp = lax.pad(t, np.array(0, t.dtype), [(lo, hi, 0) for lo, hi in pads])
     found = jnp.zeros(y.shape, bool)
     out = jnp.zeros(y.shape, t.dtype)
-    window = (y.shape[1:3], dims[1:3], strides[1:3], (1, 1))
-    for xs, ts in zip(offset_windows(xp, *window), offset_windows(tp, *window), strict=True):
+    for xs, ts in zip(_padded_windows(x, dims, strides, pads, -np.inf),
+                      _padded_windows(t, dims, strides, pads, 0), strict=True):
         hit = (xs == y) & ~found
         found = found | hit
         out = out + jnp.where(hit, ts, jnp.zeros((), t.dtype))
@@ -122,11 +143,7 @@ def _reduce_window_sum(x, dims, strides, pads):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _slice_sum(x, dims, strides, pads):
-    xp = lax.pad(x, np.zeros((), x.dtype), [(lo, hi, 0) for lo, hi in pads])
-    out_hw = tuple(conv_output_size(n, f, s, p, 1, exact=False)
-                   for n, f, s, p in zip(x.shape[1:3], dims[1:3], strides[1:3], pads[1:3],
-                                         strict=True))
-    windows = offset_windows(xp, out_hw, dims[1:3], strides[1:3], (1, 1))
+    windows = _padded_windows(x, dims, strides, pads, 0)
     total = windows[0]
     for w in windows[1:]:
         total = total + w
