@@ -20,7 +20,11 @@ prints):
 * ``peak_flops``: the device's matmul throughput measured in this process (a
   jitted square ``dot`` in the compute dtype, best of several runs just before
   and just after the timed steps), and
-  ``mfu`` = achieved_flops / peak_flops.
+  ``mfu`` = achieved_flops / peak_flops. These are model FLOPs (the direct
+  convolution's count, as MFU is usually defined): a layer computed in
+  Winograd's form does 4/9 of them, so MFU can pass 100%.
+* ``hfu`` = XLA's counted FLOPs per second / peak_flops: the utilisation of the
+  arithmetic the compiled step actually performs.
 * ``peak_memory_bytes`` where the backend reports it (``None`` on CPU).
 
 ``peer="torch"`` also times an equivalent PyTorch model (``cnnjax.bench_torch``)
@@ -289,6 +293,8 @@ def run_benchmark(model: str = "lenet5", batch: int = 128, mode: str = "train", 
     result["peak_flops"] = peak["peak_flops"] if peak else None
     result["peak_matmul_n"] = peak["n"] if peak else None
     result["mfu"] = (result["achieved_flops"] / result["peak_flops"]) if peak else None
+    result["hfu"] = (xla_flops / batch * result["images_per_sec"] / result["peak_flops"]
+                     if peak and xla_flops else None)
     result["peak_memory_bytes"] = _peak_memory()
     if peer == "torch":
         figures = _figures(times["peer"], batch, flops_per_image)
@@ -360,7 +366,9 @@ def format_result(r: dict[str, Any]) -> str:
     if r.get("peak_flops"):
         lines.append(f"  matmul peak     {_si(r['peak_flops'], 'FLOP/s')} (jitted {r['dtype']} "
                      f"dot {r['peak_matmul_n']}^3, best run before/after the steps)")
-        lines.append(f"  MFU             {100 * r['mfu']:.1f}%")
+        hfu = (f"; HFU {100 * r['hfu']:.1f}% (XLA's count of the FLOPs it runs)"
+               if r.get("hfu") else "")
+        lines.append(f"  MFU             {100 * r['mfu']:.1f}% (model FLOPs){hfu}")
     memory = r.get("peak_memory_bytes")
     lines.append("  peak memory     " + (f"{memory / 2**20:,.1f} MiB" if memory else "n/a"))
     if r.get("peer"):

@@ -54,6 +54,9 @@ def _check_sane(result, mode, batch):
     assert result["achieved_flops"] == pytest.approx(expected * result["images_per_sec"])
     assert result["peak_flops"] > 1e9
     assert 0 < result["mfu"] <= 1
+    # LeNet-5 has no Winograd layer: what XLA runs is what the model counts.
+    assert result["hfu"] == pytest.approx(
+        result["mfu"] * result["xla_flops_per_image"] / expected)
     assert result["step_time_min_s"] <= result["step_time_s"] <= result["step_time_max_s"]
 
 
