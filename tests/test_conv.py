@@ -258,6 +258,18 @@ WINOGRAD_CASES = [((2, 7, 9, 3), 1), ((1, 6, 6, 2), 0), ((2, 8, 5, 2), 2),
                   ((1, 3, 4, 2), ((2, 2), (0, 1))), ((1, 4, 3, 2), ((1, 0), (0, 0)))]
 
 
+def test_winograd_matrices_compute_a_3_tap_correlation(x64):
+    # The published F(2, 3) matrices (Lavin & Gray 2016), checked as an identity:
+    # A^T [(G g) * (B^T d)] is the 2-output correlation of a 4-cell d with a 3-tap g.
+    bt, g_m, at = (np.array(m, np.float64) for m in (
+        conv_module._WINOGRAD_BT, conv_module._WINOGRAD_G, conv_module._WINOGRAD_AT))
+    rng = np.random.default_rng(27)
+    for _ in range(5):
+        d, g = rng.standard_normal(4), rng.standard_normal(3)
+        want = np.array([d[i:i + 3] @ g for i in range(2)])
+        np.testing.assert_allclose(at @ ((g_m @ g) * (bt @ d)), want, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("x_shape,padding", WINOGRAD_CASES)
 def test_winograd_matches_numpy_loop_and_lax_vjp(x64, x_shape, padding):
     # Odd and even output sizes (a last tile that is cut), asymmetric padding.
