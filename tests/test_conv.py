@@ -318,6 +318,20 @@ def _value_and_vjp(f, x, w, g, **kwargs):
     return (y, *vjp(jnp.asarray(g)))
 
 
+def test_winograd_non_finite_inputs_reach_the_same_outputs():
+    # The same outputs are non-finite as in XLA's convolution (their values may be
+    # NaN where XLA's are +-inf), so the trainer's non-finite guard sees them alike.
+    rng = np.random.default_rng(28)
+    for bad in (np.inf, -np.inf, np.nan):
+        x = rng.standard_normal((1, 7, 8, 2)).astype(np.float32)
+        x[0, rng.integers(7), rng.integers(8), rng.integers(2)] = bad
+        w = rng.standard_normal((3, 3, 2, 2)).astype(np.float32)
+        mine = np.asarray(conv2d(x, w, padding=1, forward_impl="winograd"))
+        ref = np.asarray(conv_lax(jnp.asarray(x), jnp.asarray(w), 1, 1, 1))
+        assert not np.isfinite(ref).all()
+        np.testing.assert_array_equal(np.isfinite(mine), np.isfinite(ref))
+
+
 def test_winograd_bfloat16_computes_in_float32():
     rng = np.random.default_rng(25)
     x = jnp.asarray(rng.standard_normal((2, 9, 9, 16)), jnp.bfloat16)

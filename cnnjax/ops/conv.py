@@ -306,7 +306,9 @@ def _winograd_conv(x, w, pads):
     Differentiated, it is its own exact transpose: dL/dW comes from 16 products
     ``V_ab^T (dL/dM_ab)``, dL/dx from ``(dL/dM_ab) U_ab^T``, again 4/9 of the work.
     Float32 rounding stays that of the direct sum (the transforms only add and
-    halve); narrower floats are computed in float32.
+    halve); narrower floats are computed in float32. A NaN or infinite input
+    makes the same outputs non-finite as the direct sum, but as NaN where the
+    direct sum gives +-inf (the transforms subtract it from itself).
     """
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
     xa, wa = x.astype(acc), w.astype(acc)
