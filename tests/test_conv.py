@@ -353,6 +353,16 @@ def test_winograd_rule(monkeypatch):
     assert pick("auto", (5, 5, 256, 256)) == "xla"
     assert pick("auto", (3, 3, 256, 256), dtype=jnp.bfloat16) == "xla"
     assert pick("auto", (3, 3, 256, 256), dtype=jnp.float64) == "xla"
+    assert pick("auto", (3, 3, 256, 256), grads_auto=False) == "xla"
+    # Through conv2d: a gradient formulation asked for by name keeps the usual VJP.
+    x, w = jnp.ones((1, 4, 4, 256)), jnp.ones((3, 3, 256, 2))
+
+    def jaxpr(**kwargs):
+        return str(jax.make_jaxpr(jax.grad(lambda w: conv2d(x, w, padding=1, **kwargs).sum()))(w))
+
+    assert jaxpr().count("dot_general") >= 16
+    assert "conv_general_dilated" in jaxpr(weight_grad_impl="xla")
+    assert jaxpr(weight_grad_impl="xla").count("dot_general") == 0
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert pick("auto", (3, 3, 256, 256)) == "xla"
 

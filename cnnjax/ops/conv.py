@@ -50,7 +50,7 @@ CPU for a strided filter over an RGB image, such as AlexNet's conv1).
 
 A 3x3 filter at stride 1 can take Winograd's minimal filtering F(2x2, 3x3)
 (``forward_impl="winograd"``, picked on the CPU from 256 float32 input
-channels: VGG-16's blocks 3-5, AlexNet's conv3-5): each 2x2 output tile comes
+channels: VGG-16 from block3_conv2 on, AlexNet's conv3-5): each 2x2 output tile comes
 from the 4x4 input tile under it as ``A^T [(G w G^T) * (B^T d B)] A``, 16
 multiplications per tile and channel pair instead of 36, i.e. 16 matrix
 products of 4/9 of the direct method's work in all. Its derivative is the
@@ -135,9 +135,10 @@ STRIDED_INPUT_CHANNELS_BY_BACKEND = {"cpu": 4, "gpu": 0, "tpu": 0}
 # A 3x3 filter at stride 1 and dilation 1 over at least this many float32 input
 # channels takes Winograd's F(2x2, 3x3) form, forward and backward ("winograd").
 # On the 2-core CPU, forward + backward of VGG-16's layers alone: 1.3-1.45x
-# faster from 256 input channels (blocks 3-5), even at 128 (block 2) and slower
-# at 64 (block 1), where the tile transforms outweigh the saved products
-# (NOTES.md, attempt 22). Absent = never.
+# faster from 256 input channels (blocks 3-5), level at 128 (block 2) and 3x
+# slower at 64 (block 1), where the tile transforms outweigh the saved products
+# (NOTES.md, attempt 22). "auto" takes it only when both gradient formulations
+# are "auto" too (it has its own backward). Absent = never.
 WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": 256}
 
 _IMPLS = ("auto", "native", "space_to_batch")
@@ -181,7 +182,11 @@ def _winograd_fits(w_shape, stride, dilation) -> bool:
     return tuple(w_shape[:2]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
 
 
-def _pick_forward(forward_impl, w_shape, stride=(1, 1), dilation=(1, 1), dtype=jnp.float32):
+def _pick_forward(forward_impl, w_shape, stride=(1, 1), dilation=(1, 1), dtype=jnp.float32,
+                  grads_auto=True):
+    """The forward formulation "auto" stands for. Winograd's form brings its own
+    backward, so it is only picked when the gradient formulations are left to
+    "auto" as well (``grads_auto``)."""
     if forward_impl != "auto":
         return forward_impl
     fh, fw, c, _ = w_shape
@@ -189,8 +194,8 @@ def _pick_forward(forward_impl, w_shape, stride=(1, 1), dilation=(1, 1), dtype=j
     if fh * fw * c <= DIRECT_PATCH_WIDTH_BY_BACKEND.get(backend, 0):
         return "direct"
     min_channels = WINOGRAD_MIN_CHANNELS_BY_BACKEND.get(backend)
-    if (min_channels is not None and c >= min_channels and jnp.dtype(dtype) == jnp.float32
-            and _winograd_fits(w_shape, stride, dilation)):
+    if (grads_auto and min_channels is not None and c >= min_channels
+            and jnp.dtype(dtype) == jnp.float32 and _winograd_fits(w_shape, stride, dilation)):
         return "winograd"
     if max(stride) > 1 and c <= STRIDED_INPUT_CHANNELS_BY_BACKEND.get(backend, 0):
         return "per_image"
@@ -649,8 +654,10 @@ def conv2d(
         "per_image" (XLA's convolution per cache-sized batch chunk; "auto" picks it
         for strided filters over few channels, ``STRIDED_INPUT_CHANNELS_BY_BACKEND``)
         or "winograd" (Winograd's F(2x2, 3x3), forward and backward: 3x3 filters at
-        stride 1 and dilation 1 only; "auto" picks it for many float32 input
-        channels, ``WINOGRAD_MIN_CHANNELS_BY_BACKEND``).
+        stride 1 and dilation 1 only; its backward is the transpose of the form, so
+        ``input_grad_impl`` and ``weight_grad_impl`` do not apply; "auto" picks it
+        for many float32 input channels, ``WINOGRAD_MIN_CHANNELS_BY_BACKEND``, when
+        both of those are "auto").
       input_grad_impl: "auto", "xla" (a forward convolution of the stride-dilated g with
         the flipped filter) or "col2im" (g W^T added back where each patch was read);
         "auto" picks col2im for small patch widths on the backends that gain from it.
@@ -711,7 +718,8 @@ def conv2d(
     dtype = compute_dtype(x, kernel)
     if _is_full_window(x.shape[1:3], fhw, pads, d):
         impl = "dense"
-    elif (forward := _pick_forward(forward_impl, kernel.shape, s, d, dtype)) != "xla":
+    elif (forward := _pick_forward(forward_impl, kernel.shape, s, d, dtype, grads_auto=(
+            input_grad_impl, weight_grad_impl) == ("auto", "auto"))) != "xla":
         if forward == "winograd" and not _winograd_fits(kernel.shape, s, d):
             raise ValueError(
                 f"conv2d: forward_impl='winograd' needs a 3x3 filter at stride 1 and dilation "
