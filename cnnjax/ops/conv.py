@@ -310,10 +310,11 @@ def _winograd_conv(x, w, pads):
     (stacking them for one batched product was slower on XLA:CPU).
     Differentiated, it is its own exact transpose: dL/dW comes from 16 products
     ``V_ab^T (dL/dM_ab)``, dL/dx from ``(dL/dM_ab) U_ab^T``, again 4/9 of the work.
-    Float32 rounding stays that of the direct sum (the transforms only add and
-    halve); narrower floats are computed in float32. A NaN or infinite input
-    makes the same outputs non-finite as the direct sum, but as NaN where the
-    direct sum gives +-inf (the transforms subtract it from itself).
+    The float32 error stays within a small factor of the direct sum's (the
+    transforms only add and halve); narrower floats are computed in float32.
+    A NaN or infinite input makes the same outputs non-finite as the direct
+    sum, but as NaN where the direct sum gives +-inf (the transforms subtract
+    it from itself).
     """
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
     xa, wa = x.astype(acc), w.astype(acc)
