@@ -218,15 +218,19 @@ def test_forward_impls_match_numpy_loop(x64, monkeypatch, stride, padding, dilat
                                  forward_impl=forward_impl)
 
 
-def test_direct_forward_accumulates_bfloat16_in_float32():
-    rng = np.random.default_rng(20)
-    x = jnp.asarray(rng.standard_normal((2, 12, 12, 3)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((3, 3, 3, 8)), jnp.bfloat16)
-    y = conv2d(x, w, padding=1, forward_impl="direct")
+def _check_bfloat16_computed_in_float32(seed, x_shape, w_shape, w_scale, forward_impl, tol):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(w_shape) / w_scale, jnp.bfloat16)
+    y = conv2d(x, w, padding=1, forward_impl=forward_impl)
     assert y.dtype == jnp.bfloat16
     ref = conv_lax(x.astype(jnp.float32), w.astype(jnp.float32), 1, 1, 1)
+    np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=tol, atol=tol)
+
+
+def test_direct_forward_accumulates_bfloat16_in_float32():
     # One rounding of the float32 sum to bfloat16 (relative 2^-8), not 27 of them.
-    np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2**-8, atol=2**-8)
+    _check_bfloat16_computed_in_float32(20, (2, 12, 12, 3), (3, 3, 3, 8), 1, "direct", 2**-8)
 
 
 def test_direct_patch_rule(monkeypatch):
@@ -333,13 +337,7 @@ def test_winograd_non_finite_inputs_reach_the_same_outputs():
 
 
 def test_winograd_bfloat16_computes_in_float32():
-    rng = np.random.default_rng(25)
-    x = jnp.asarray(rng.standard_normal((2, 9, 9, 16)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((3, 3, 16, 8)) / 12, jnp.bfloat16)
-    y = conv2d(x, w, padding=1, forward_impl="winograd")
-    assert y.dtype == jnp.bfloat16
-    ref = conv_lax(x.astype(jnp.float32), w.astype(jnp.float32), 1, 1, 1)
-    np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2**-7, atol=2**-7)
+    _check_bfloat16_computed_in_float32(25, (2, 9, 9, 16), (3, 3, 16, 8), 12, "winograd", 2**-7)
 
 
 def test_winograd_rule(monkeypatch):

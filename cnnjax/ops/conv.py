@@ -78,6 +78,7 @@ from cnnjax.ops._windows import offset_windows as _offset_windows
 from cnnjax.shapes import (
     Padding2D,
     ShapeError,
+    conv_output_hw,
     conv_output_size,
     normalize_padding,
     to_pair,
@@ -233,12 +234,6 @@ def _space_to_batch_conv(x, w, pads, dilation):
     return y[:, :ho, :wo, :]
 
 
-def _output_hw(x_hw, f_hw, stride, pads, dilation):
-    """(H_out, W_out) for explicit pads, floored as conv2d's output is."""
-    return tuple(conv_output_size(n, f, st, p, d, exact=False)
-                 for n, f, st, p, d in zip(x_hw, f_hw, stride, pads, dilation, strict=True))
-
-
 def _dense(x, w):
     """A full-window convolution as (N, F_h F_w C) x (F_h F_w C, K): output 1 x 1."""
     y = jnp.dot(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[3]))
@@ -251,7 +246,7 @@ def _direct_conv(x, w, stride, pads, dilation):
     fh, fw, c, _ = w.shape
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    out_hw = _output_hw(x.shape[1:3], (fh, fw), stride, pads, dilation)
+    out_hw = conv_output_hw(x.shape[1:3], (fh, fw), stride, pads, dilation, exact=False)
     windows = _offset_windows(xp, out_hw, (fh, fw), stride, dilation)
     wa = w.astype(acc)
     y = None
@@ -266,7 +261,7 @@ def _direct_conv(x, w, stride, pads, dilation):
 def _forward_per_image(x, w, stride, pads, dilation):
     """XLA's convolution over batch chunks of about _CHUNK_BYTES of input and output."""
     n = x.shape[0]
-    out_hw = _output_hw(x.shape[1:3], w.shape[:2], stride, pads, dilation)
+    out_hw = conv_output_hw(x.shape[1:3], w.shape[:2], stride, pads, dilation, exact=False)
     per_image = (x[0].size + out_hw[0] * out_hw[1] * w.shape[3]) * jnp.dtype(x.dtype).itemsize
     size = max(1, _CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
     if size >= n:
@@ -321,7 +316,7 @@ def _winograd_conv(x, w, pads):
     n, h, wd, c = x.shape
     k = w.shape[3]
     (top, bottom), (left, right) = pads
-    ho, wo = h + top + bottom - 2, wd + left + right - 2
+    ho, wo = conv_output_hw((h, wd), (3, 3), 1, pads, exact=False)
     th, tw = -(-ho // 2), -(-wo // 2)
     # Extra zero rows/columns complete the last tile (its extra outputs are cut off).
     xp = lax.pad(xa, jnp.zeros((), acc), ((0, 0, 0), (top, 2 * th + 2 - h - top, 0),

@@ -27,7 +27,13 @@ from jax import lax
 
 from cnnjax.ops._checks import check_nhwc
 from cnnjax.ops._windows import offset_windows
-from cnnjax.shapes import Padding2D, conv_output_size, normalize_padding, to_pair
+from cnnjax.shapes import (
+    Padding2D,
+    conv_output_hw,
+    conv_output_size,
+    normalize_padding,
+    to_pair,
+)
 
 __all__ = ["max_pool", "avg_pool", "l2_pool", "global_avg_pool", "global_max_pool"]
 
@@ -77,17 +83,11 @@ def max_pool(
 SLICE_MAX_WINDOW_BY_BACKEND = {"cpu": 16, "gpu": 0, "tpu": 0}
 
 
-def _pooled_hw(x, dims, strides, pads):
-    return tuple(conv_output_size(n, f, s, p, 1, exact=False)
-                 for n, f, s, p in zip(x.shape[1:3], dims[1:3], strides[1:3], pads[1:3],
-                                       strict=True))
-
-
 def _padded_windows(x, dims, strides, pads, fill):
     """The F_h F_w strided slices of x padded with ``fill``, one per window offset."""
     xp = lax.pad(x, np.array(fill, x.dtype), [(lo, hi, 0) for lo, hi in pads])
-    return offset_windows(xp, _pooled_hw(x, dims, strides, pads), dims[1:3], strides[1:3],
-                          (1, 1))
+    out_hw = conv_output_hw(x.shape[1:3], dims[1:3], strides[1:3], pads[1:3], exact=False)
+    return offset_windows(xp, out_hw, dims[1:3], strides[1:3], (1, 1))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
