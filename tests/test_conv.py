@@ -345,7 +345,9 @@ def test_winograd_rule(monkeypatch):
     pick = conv_module._pick_forward
     assert pick("auto", (3, 3, 256, 256)) == "winograd"
     assert pick("auto", (3, 3, 512, 64), (1, 1), (1, 1), jnp.float32) == "winograd"
-    assert pick("auto", (3, 3, 128, 256)) == "xla"          # VGG-16 block 2/3 entry
+    assert pick("auto", (3, 3, 128, 256)) == "winograd"     # VGG-16 block3_conv1
+    assert pick("auto", (3, 3, 96, 96)) == "winograd"       # all-conv net
+    assert pick("auto", (3, 3, 64, 128)) == "xla"           # VGG-16 block2_conv1
     assert pick("auto", (3, 3, 256, 256), (2, 2)) == "xla"  # strided
     assert pick("auto", (3, 3, 256, 256), (1, 1), (2, 2)) == "xla"  # dilated
     assert pick("auto", (5, 5, 256, 256)) == "xla"
@@ -450,10 +452,12 @@ def test_small_patch_rule_picks_col2im_and_im2col_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), ((2, 1), ((2, 0), (1, 3)), (1, 2)),
-                                                     (3, 0, 2), (1, "SAME", (3, 1))])
+                                                     (3, 0, 2), (1, "SAME", (3, 1)),
+                                                     (1, ((5, 4), (0, 1)), 1)])
 def test_per_image_weight_grad_in_row_blocks(x64, monkeypatch, stride, padding, dilation):
     # One-byte budgets split every image into blocks of output rows (as large
-    # images are); each block reads its own padded input rows, the last one ragged.
+    # images are); each block reads its own input rows and zero padding, the last
+    # one ragged; with wide padding the first and last blocks read only zeros.
     monkeypatch.setattr(conv_module, "_CHUNK_BYTES", 1)
     monkeypatch.setattr(conv_module, "_ROW_BLOCK_BYTES", 1)
     monkeypatch.setattr(conv_module, "_MIN_BLOCK_PIXELS", 2)

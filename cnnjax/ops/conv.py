@@ -49,8 +49,9 @@ one loop) or XLA's convolution per batch chunk (``"per_image"``, picked on the
 CPU for a strided filter over an RGB image, such as AlexNet's conv1).
 
 A 3x3 filter at stride 1 can take Winograd's minimal filtering F(2x2, 3x3)
-(``forward_impl="winograd"``, picked on the CPU from 256 float32 input
-channels: VGG-16 from block3_conv2 on, AlexNet's conv3-5): each 2x2 output tile comes
+(``forward_impl="winograd"``, picked on the CPU from 96 float32 input
+channels: VGG-16 from block2_conv2 on, AlexNet's conv3-5, the all-convolutional
+net's 96- and 192-channel 3x3 layers): each 2x2 output tile comes
 from the 4x4 input tile under it as ``A^T [(G w G^T) * (B^T d B)] A``, 16
 multiplications per tile and channel pair instead of 36, i.e. 16 matrix
 products of 4/9 of the direct method's work in all. Its derivative is the
@@ -135,12 +136,14 @@ STRIDED_INPUT_CHANNELS_BY_BACKEND = {"cpu": 4, "gpu": 0, "tpu": 0}
 
 # A 3x3 filter at stride 1 and dilation 1 over at least this many float32 input
 # channels takes Winograd's F(2x2, 3x3) form, forward and backward ("winograd").
-# On the 2-core CPU, forward + backward of VGG-16's layers alone: 1.3-1.45x
-# faster from 256 input channels (blocks 3-5), level at 128 (block 2) and 3x
-# slower at 64 (block 1), where the tile transforms outweigh the saved products
-# (NOTES.md, attempt 22). "auto" takes it only when both gradient formulations
+# On the 2-core CPU, whole train steps: VGG-16 is faster with it from 128 input
+# channels than from 256 (block2_conv2 and block3_conv1 join; their weight
+# gradients alone are 1.5x faster) and slower from 64 (block 1, where the tile
+# transforms outweigh the saved products); the all-convolutional net is about
+# 1.4x faster from 96 than from 256, training and inference alike (NOTES.md,
+# attempts 22 and 28). "auto" takes it only when both gradient formulations
 # are "auto" too (it has its own backward). Absent = never.
-WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": 256}
+WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": 96}
 
 _IMPLS = ("auto", "native", "space_to_batch")
 _FWD_IMPLS = ("auto", "xla", "direct", "per_image", "winograd")
@@ -511,20 +514,23 @@ def _weight_grad_per_image(x, g, w_shape, stride, pads, dilation, acc):
 
     blocks = _row_blocks(x, g, stride) if per_image > _CHUNK_BYTES else []
     if len(blocks) > 1:
-        # Rows of the padded input read by output rows [r0, r1): [r0 S, (r1 - 1) S + E).
+        # Output rows [r0, r1) read the padded input's rows [r0 S, (r1 - 1) S + E): x's
+        # rows [lo, hi) with lo, hi shifted by the top padding, the part outside x
+        # (zero padding) given to the block's own convolution instead of padding x
+        # once (a copy of the whole input).
         extent = dilation[0] * (w_shape[0] - 1) + 1
-        rows_read = (g.shape[1] - 1) * stride[0] + extent  # may exceed the padded input
-        top = pads[0][0]
-        xp = jnp.pad(x, ((0, 0), (top, max(pads[0][1], rows_read - top - x.shape[1])),
-                         (0, 0), (0, 0)))
-        row_pads = ((0, 0), pads[1])
+        h, top = x.shape[1], pads[0][0]
         total = None
         for i in range(n):
             for r0, r1 in blocks:
-                xb = xp[i : i + 1, r0 * stride[0] : (r1 - 1) * stride[0] + extent]
-                t = term(xb, g[i : i + 1, r0:r1], row_pads)
+                lo, hi = r0 * stride[0] - top, (r1 - 1) * stride[0] + extent - top
+                if min(hi, h) <= max(lo, 0):
+                    continue  # the block's windows read only padding: no term
+                xb = x[i : i + 1, max(lo, 0) : min(hi, h)]
+                block_pads = ((max(-lo, 0), max(hi - h, 0)), pads[1])
+                t = term(xb, g[i : i + 1, r0:r1], block_pads)
                 total = t if total is None else total + t
-        return total
+        return total if total is not None else jnp.zeros(w_shape, acc)
     total = term(x[:size], g[:size], pads)
     for i in range(size, n, size):
         total = total + term(x[i : i + size], g[i : i + size], pads)
