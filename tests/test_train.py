@@ -246,3 +246,25 @@ def test_metric_writer_remote_path_rewrites_and_discards(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["train_loss"]) for r in records] == [(5, 5.0), (10, 10.0), (15, 1.5),
                                                                (20, 2.0)]
+
+
+def test_metric_writer_tensorboard_hides_steps_a_killed_run_logged_again(tmp_path):
+    # A run logs steps 5, 10, 15 and dies; its newest checkpoint is step 10. The
+    # resumed run logs step 15 again: TensorBoard must show it once, the new value.
+    from _events import tensorboard_scalars
+
+    from cnnjax.train.metrics import MetricWriter
+
+    first = MetricWriter(str(tmp_path))
+    for step in (5, 10, 15):
+        first.write(step, {"train_loss": float(step)})
+    first.close()
+    resumed = MetricWriter(str(tmp_path))
+    resumed.discard_after(10)
+    resumed.write(15, {"train_loss": 1.5})
+    resumed.write(20, {"train_loss": 2.0})
+    resumed.close()
+    logdir = tmp_path / "tensorboard"
+    assert len(os.listdir(logdir)) == 2  # the second writer did not overwrite the first
+    assert tensorboard_scalars(logdir)["train_loss"] == [(5, 5.0), (10, 10.0), (15, 1.5),
+                                                          (20, 2.0)]

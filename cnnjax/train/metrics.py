@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any
 
 
@@ -61,6 +62,7 @@ class MetricWriter:
         self._lines: list[str] = []
         self._tb = None
         self._tb_enabled = enabled and tensorboard
+        self._purge_step: int | None = None
 
     def _epath(self):
         from etils import epath
@@ -82,7 +84,12 @@ class MetricWriter:
             self._tb_enabled = False
             cls = _import_tensorboardx()
             if cls is not None:
-                self._tb = cls(self._tb_dir, flush_secs=30)
+                # purge_step: TensorBoard hides the events a killed run wrote at
+                # or after this step in earlier files (the steps logged again now).
+                # The suffix keeps two writers started in the same second (the file
+                # name's timestamp) from overwriting each other's file, in order.
+                self._tb = cls(self._tb_dir, flush_secs=30, purge_step=self._purge_step,
+                               filename_suffix=f".{time.time_ns()}.{os.getpid()}")
         return self._tb
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -113,8 +120,12 @@ class MetricWriter:
         A run killed after logging past its newest checkpoint resumes from that
         checkpoint and logs those steps again: without this, metrics.jsonl would
         hold them twice. The file is replaced atomically, and only when
-        something is dropped.
+        something is dropped. TensorBoard's event files are append-only: the
+        next event file starts with a purge marker instead, which makes
+        TensorBoard hide the older files' events after ``step``.
         """
+        if self._tb is None:
+            self._purge_step = int(step) + 1
         text = self._read() if self.enabled else None
         if not text:
             return
