@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -264,9 +265,10 @@ def test_kill_9_at_ten_moments_resumes_each_time_and_ends_bit_for_bit(reference,
 
     shown = tensorboard_scalars(os.path.join(workdir, "tensorboard"))["train_loss"]
     logged = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    assert [s for s, _ in shown] == sorted(s for s, _ in shown)
-    assert all([s for s, _ in shown].count(step) <= [s for s, _ in logged].count(step)
-               for step, _ in shown)
+    shown_steps = [s for s, _ in shown]
+    assert shown_steps == sorted(shown_steps)
+    shown_count, logged_count = Counter(shown_steps), Counter(s for s, _ in logged)
+    assert all(shown_count[step] <= logged_count[step] for step in shown_count)
     after = [(s, v) for s, v in shown if s > expected_resume]
     assert after == [(s, pytest.approx(v, rel=1e-6)) for s, v in logged if s > expected_resume]
 
