@@ -95,7 +95,8 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(sig, tmp_path):
     workdir = tmp_path / "run"
     procs = two_processes(workdir, tmp_path, "p", stop_after_steps=400, num_epochs=10)
     metrics = workdir / "metrics.jsonl"
@@ -104,12 +105,14 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
         assert time.time() < deadline and all(p.poll() is None for p in procs), \
             [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
         time.sleep(0.02)
-    procs[1].send_signal(signal.SIGTERM)
+    procs[1].send_signal(sig)
     codes = wait_all(procs, timeout=120)
     logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
     assert codes == [75, 75], logs
-    steps = {int(log.split("SIGTERM: saved the checkpoint at step ")[1].split()[0])
-             for log in logs}
+    # The signalled process names its signal; its partner learns of it as a preemption.
+    names = [sig.name if i == 1 else "SIGTERM" for i in range(2)]
+    steps = {int(log.split(f"{name}: saved the checkpoint at step ")[1].split()[0])
+             for name, log in zip(names, logs, strict=True)}
     assert len(steps) == 1, logs
     step = steps.pop()
     assert step < 400 and str(step) in os.listdir(workdir / "checkpoints")

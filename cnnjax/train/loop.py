@@ -536,9 +536,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     warm = False
     evaluated_at = -1
     # Preemption: own SIGTERM/SIGINT handler in one process; in several, orbax's
-    # sync point (JAX's preemption notifier) so that every process stops at one step.
+    # sync point (JAX's preemption notifier, SIGINT passed on to it as SIGTERM) so
+    # that every process stops at one step.
     multi_process = jax.process_count() > 1
-    stop_requests = _StopRequests(enabled=not multi_process)
+    stop_requests = _StopRequests(multi_process=multi_process)
 
     def flush(upto_step: int) -> None:
         """Fetches pending metrics, stops on a non-finite value, updates the bar."""
@@ -570,7 +571,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 warm = True
                 interval_start, interval_images = time.time(), 0
             epoch_end = step % steps_per_epoch == 0
-            stop_signal = (("SIGTERM" if ckpt.reached_preemption(step) else None)
+            stop_signal = (((stop_requests.signal_name or "SIGTERM")
+                            if ckpt.reached_preemption(step) else None)
                            if multi_process else stop_requests.signal_name)
             save_now = ((step % config.checkpoint_every_steps == 0) or step == stop_at
                         or stop_signal is not None)
@@ -641,20 +643,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 class _StopRequests:
     """SIGTERM/SIGINT -> ``signal_name`` is set; the loop finishes the step, saves, exits.
 
-    Installed only in the main thread of a single-process run (without
-    ``jax.distributed.initialize`` orbax never sees SIGTERM). A second signal
-    of the same kind acts as it would have without this handler (SIGINT:
-    KeyboardInterrupt; SIGTERM: the process dies; the checkpoints on disk
-    stay loadable either way).
+    Installed only in the main thread. One process: cnnjax's own handler for both
+    signals (without ``jax.distributed.initialize`` orbax never sees SIGTERM).
+    Several processes: JAX's preemption notifier already watches SIGTERM and
+    orbax's sync point stops every process at one step, so only SIGINT gets a
+    handler here, which passes it on to that notifier as a SIGTERM to this
+    process (Ctrl-C on one host then stops all of them at the same saved step).
+    A second signal of the same kind acts as it would have without this handler
+    (SIGINT: KeyboardInterrupt; SIGTERM: the process dies; the checkpoints on
+    disk stay loadable either way).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, *, enabled: bool = True):
+    def __init__(self, *, multi_process: bool = False):
         self.signal_name: str | None = None
+        self._multi_process = multi_process
         self._previous: dict[int, Any] = {}
-        if enabled and threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT,) if multi_process else self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -665,6 +672,8 @@ class _StopRequests:
         self.signal_name = signal.Signals(signum).name
         log.warning("%s received: finishing this step, then saving a checkpoint and exiting",
                     self.signal_name)
+        if self._multi_process:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
