@@ -28,7 +28,8 @@ prints):
 * ``peak_memory_bytes`` where the backend reports it (``None`` on CPU).
 
 ``peer="torch"`` also times an equivalent PyTorch model (``cnnjax.bench_torch``)
-in the same process, one JAX step and one PyTorch step alternately, and adds
+in the same process, in alternating blocks of consecutive steps (the first step
+of each block untimed: the other framework's threads are still busy then), and adds
 ``peer_*`` keys and ``speedup_vs_peer`` (cnnjax images/s over PyTorch's).
 """
 
@@ -314,19 +315,39 @@ def run_benchmark(model: str = "lenet5", batch: int = 128, mode: str = "train", 
     return result
 
 
-def _time_alternately(fns: dict[str, Callable[[], None]], steps: int,
-                      warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls interleaved so drift hits all alike."""
+# Timed steps per block when a peer runs alongside (see _time_alternately).
+TIMED_STEPS_PER_BLOCK = 4
+
+
+def _time_alternately(fns: dict[str, Callable[[], None]], steps: int, warmup: int,
+                      block: int = TIMED_STEPS_PER_BLOCK) -> dict[str, list[float]]:
+    """Seconds per call of each function: ``steps`` timed calls each.
+
+    The functions take turns in blocks of ``block`` consecutive timed calls, the
+    order reversed every other round, so that drift in the machine's speed hits all
+    alike. With more than one function every block starts with one untimed call:
+    a framework's worker threads keep spinning for some milliseconds after its step
+    (PyTorch's OpenMP threads, XLA's pool), and a step of the other framework
+    started at once runs on what is left of the cores. Alternating single steps,
+    LeNet-5's 11-12 ms JAX train step measured 15-17 ms after each PyTorch step.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}.")
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
-    for i in range(steps):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+    switching = len(fns) > 1
+    for round_index in range(-(-steps // block)):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            fn = fns[name]
+            if switching:
+                fn()
+            for _ in range(min(block, steps - len(times[name]))):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -380,7 +401,7 @@ def format_result(r: dict[str, Any]) -> str:
             f"{r.get('peer_threads', '')} threads".rstrip())
         lines.append(f"  cnnjax / {r['peer']}    {r['speedup_vs_peer']:.2f}x images/s, median "
                      f"steps ({r['speedup_vs_peer_min']:.2f}x fastest steps; alternating "
-                     "steps, same process)")
+                     f"blocks of {TIMED_STEPS_PER_BLOCK} steps, same process)")
     if r.get("loadavg_1min") is not None:
         lines.append(f"  load average    {r['loadavg_1min']:.2f} (1 min)")
     return "\n".join(lines)

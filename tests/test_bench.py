@@ -92,6 +92,24 @@ def test_peer_torch():
     assert "cnnjax / torch" in bench.format_result(result)
 
 
+def test_alternating_blocks_time_each_step_once_and_skip_the_first_after_a_switch():
+    calls = []
+    fns = {"jax": lambda: calls.append("j"), "peer": lambda: calls.append("p")}
+    times = bench._time_alternately(fns, steps=10, warmup=1, block=4)
+    assert [len(times["jax"]), len(times["peer"])] == [10, 10]
+    assert all(t >= 0 for t in times["jax"] + times["peer"])
+    # Warm-up, then blocks of 1 untimed + up to 4 timed calls, the order reversed
+    # every other round: j p | p j | j p (blocks of 4, 4 and the last 2).
+    expected = "jp" + "j" * 5 + "p" * 5 + "p" * 5 + "j" * 5 + "j" * 3 + "p" * 3
+    assert "".join(calls) == expected
+    # Alone, nothing is thrown away.
+    calls.clear()
+    alone = bench._time_alternately({"jax": fns["jax"]}, steps=7, warmup=0, block=4)
+    assert len(alone["jax"]) == 7 and calls == ["j"] * 7
+    with pytest.raises(ValueError, match="block"):
+        bench._time_alternately(fns, steps=1, warmup=0, block=0)
+
+
 def test_torch_peers_match_the_parameter_counts():
     torch = pytest.importorskip("torch")
     from cnnjax import bench_torch
