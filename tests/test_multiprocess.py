@@ -130,3 +130,30 @@ def test_a_process_whose_partner_never_starts_fails_clearly_in_bounded_time(tmp_
             "127.0.0.1:") in log
     assert "Traceback" not in log and "Check failure" not in log
     assert time.time() - t0 < 60
+
+
+def test_sigint_in_a_multi_process_run_is_passed_on_as_sigterm():
+    from cnnjax.train.loop import _StopRequests
+
+    seen = []
+    service = jax.config.jax_enable_preemption_service
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        stop = _StopRequests(multi_process=True)
+        try:
+            # SIGTERM stays with whoever had it (JAX's preemption notifier); SIGINT is ours.
+            assert signal.getsignal(signal.SIGTERM) is not stop._handle
+            signal.raise_signal(signal.SIGINT)
+            assert stop.signal_name == "SIGINT" and seen == [signal.SIGTERM]
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # Without the preemption service nothing would catch it: Ctrl-C stays Ctrl-C.
+        jax.config.update("jax_enable_preemption_service", False)
+        stop = _StopRequests(multi_process=True)
+        assert stop._previous == {}
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        jax.config.update("jax_enable_preemption_service", service)
+        signal.signal(signal.SIGTERM, previous)

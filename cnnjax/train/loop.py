@@ -660,8 +660,14 @@ class _StopRequests:
         self.signal_name: str | None = None
         self._multi_process = multi_process
         self._previous: dict[int, Any] = {}
+        if not multi_process:
+            signals = self.SIGNALS
+        elif jax.config.jax_enable_preemption_service:
+            signals = (signal.SIGINT,)
+        else:  # no preemption notifier would catch a SIGTERM passed on
+            signals = ()
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT,) if multi_process else self.SIGNALS:
+            for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
