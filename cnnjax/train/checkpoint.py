@@ -288,6 +288,7 @@ class Checkpoints:
         unreadable: list[str] = []
         for candidate in reversed(steps):
             try:
+                self._check_stored(candidate, target)
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target)))
                 state = restored["state"]
@@ -314,6 +315,24 @@ class Checkpoints:
         raise CheckpointError(
             "no readable checkpoint: " + "; ".join(unreadable) + "; move the damaged step "
             "directories away (or use a new --workdir) and rerun.")
+
+    def _check_stored(self, step: int, target: Any) -> None:
+        """Compares the stored arrays' shapes with ``target``'s before reading any
+        array: a shape mismatch found by orbax's restore itself leaves its reads half
+        done. Arrays by the same name are compared; the tree's structure, and
+        metadata that cannot be read, are left for the restore to judge."""
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+            stored = getattr(stored, "tree", stored)
+            have = {_path_name(p): tuple(m.shape)
+                    for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+        except Exception:  # unreadable metadata: the restore will say what is wrong
+            return
+        for p, t in jax.tree_util.tree_leaves_with_path(target):
+            name = _path_name(p)
+            if name in have and have[name] != tuple(t.shape):
+                raise ValueError(f"{name}: Requested shape {tuple(t.shape)} not compatible "
+                                 f"with the stored shape {have[name]}")
 
     @staticmethod
     def _check_restored(state: Any, target: Any) -> None:
