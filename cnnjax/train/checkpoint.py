@@ -117,6 +117,12 @@ def _path_name(path) -> str:
     return "/".join(path_names(path))
 
 
+def _stored_state(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The state item's metadata tree at ``step`` (shapes and dtypes; no array read)."""
+    stored = manager.item_metadata(step)["state"]
+    return getattr(stored, "tree", stored)
+
+
 class Checkpoints:
     """A thin wrapper over ``ocp.CheckpointManager`` with the two items of a run."""
 
@@ -322,10 +328,8 @@ class Checkpoints:
         done. Arrays by the same name are compared; the tree's structure, and
         metadata that cannot be read, are left for the restore to judge."""
         try:
-            stored = self.manager.item_metadata(step)["state"]
-            stored = getattr(stored, "tree", stored)
-            have = {_path_name(p): tuple(m.shape)
-                    for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+            have = {_path_name(p): tuple(m.shape) for p, m in
+                    jax.tree_util.tree_leaves_with_path(_stored_state(self.manager, step))}
         except Exception:  # unreadable metadata: the restore will say what is wrong
             return
         for p, t in jax.tree_util.tree_leaves_with_path(target):
@@ -377,8 +381,7 @@ def load_matching_params(path: str, params: Any, sharding: jax.sharding.Sharding
             raise CheckpointError(f"init_from={path!r}: no checkpoint in {directory}; pass "
                                   "the workdir of a run that saved one.")
         try:
-            stored = manager.item_metadata(step)["state"]
-            stored = getattr(stored, "tree", stored)
+            stored = _stored_state(manager, step)
             # The whole state (a partial restore needs the exact tree); params are kept.
             target = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
