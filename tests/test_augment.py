@@ -123,6 +123,27 @@ def test_default_config_is_identity_and_normalizes():
     np.testing.assert_allclose(out, images.astype(np.float32) / 255.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["auto", "table", "convert"])
+def test_unit_scale_is_pixels_over_255_for_every_uint8_value(impl):
+    pixels = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)
+    exact = (pixels.astype(np.float64) / 255.0).astype(np.float32)  # rounded once
+    out = np.asarray(jax.jit(lambda x: augment.unit_scale(x, impl))(pixels))
+    assert out.dtype == np.float32 and out.shape == pixels.shape
+    rule = augment.UNIT_SCALE_IMPL_BY_BACKEND[jax.default_backend()]
+    if impl == "table" or (impl == "auto" and rule == "table"):
+        np.testing.assert_array_equal(out, exact)
+    else:  # a division XLA may turn into a product with 1/255: within one rounding
+        np.testing.assert_array_max_ulp(out, exact, maxulp=1)
+    assert out[0, 0, 0, 0] == 0.0 and out[-1, -1, -1, 0] == 1.0
+
+
+def test_unit_scale_of_floats_and_a_bad_impl():
+    floats = np.array([[0.0, 127.5, 255.0]], np.float32)
+    np.testing.assert_allclose(augment.unit_scale(floats, "table"), [[0.0, 0.5, 1.0]], rtol=1e-7)
+    with pytest.raises(ValueError, match="impl 'lut' is unknown"):
+        augment.unit_scale(floats, "lut")
+
+
 def test_preprocess_jit_per_example_and_labels_untouched():
     from cnnjax.data import get_source
 

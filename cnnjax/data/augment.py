@@ -293,6 +293,33 @@ def _augment_one(image, key, cfg):
     return image
 
 
+# uint8 pixels -> [0, 1] by a 256-entry table on the CPU ("table") instead of a
+# conversion ("convert"). XLA:CPU fuses the conversion into every consumer
+# (LeNet-5's 25 patch-row slices), and LLVM at XLA's default -O3 spends 0.1-0.2 s
+# compiling each such loop over uint8 loads: 2.5 of the 4.5 s that LeNet-5's
+# train step took to compile. A gather from the table compiles in milliseconds
+# and runs as fast (NOTES.md, attempt 41). Accelerators gather slowly: they convert.
+UNIT_SCALE_IMPL_BY_BACKEND = {"cpu": "table", "gpu": "convert", "tpu": "convert"}
+_UNIT_TABLE = np.arange(256, dtype=np.float64) / 255.0  # i / 255, rounded once to float32 below
+
+
+def unit_scale(images, impl: str = "auto"):
+    """Pixels on the [0, 1] scale in float32: ``images / 255``, jittable.
+
+    ``impl`` is "auto" (the backend's rule), "table" (uint8 only: a lookup of
+    i / 255 rounded to float32) or "convert" (a float32 conversion and a division).
+    """
+    if impl not in ("auto", "table", "convert"):
+        raise ValueError(f"impl {impl!r} is unknown; use 'auto', 'table' or 'convert'.")
+    images = jnp.asarray(images)
+    if impl == "auto":
+        impl = UNIT_SCALE_IMPL_BY_BACKEND.get(jax.default_backend(), "convert")
+    if impl == "table" and images.dtype == jnp.uint8:
+        table = jnp.asarray(_UNIT_TABLE, dtype=jnp.float32)
+        return jnp.take(table, images.astype(jnp.int32), mode="clip")
+    return images.astype(jnp.float32) / 255.0
+
+
 def preprocess(images, key, *, train: bool, config=None,
                mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
     """uint8 images (B, H, W, C) -> float32 model input, on device and jittable.
@@ -309,7 +336,7 @@ def preprocess(images, key, *, train: bool, config=None,
     if images.ndim != 4:
         raise AugmentConfigError(
             f"images of shape {images.shape} must be a batch (B, H, W, C).")
-    x = images.astype(jnp.float32) / 255.0
+    x = unit_scale(images)
     if train:
         keys = jax.random.split(key, x.shape[0])
         x = jax.vmap(lambda im, k: _augment_one(im, k, cfg))(x, keys)
@@ -328,6 +355,6 @@ def preprocess(images, key, *, train: bool, config=None,
 __all__ = [
     "AugmentConfigError", "FILL_MODES", "affine_transform", "center_crop", "default_config",
     "flip", "normalize", "preprocess", "random_crop", "rotate", "rotate_by", "rotation_matrix",
-    "scale_by", "shear", "shear_by", "shear_matrix", "shift", "translate", "zoom",
-    "zoom_matrix",
+    "scale_by", "shear", "shear_by", "shear_matrix", "shift", "translate", "unit_scale",
+    "zoom", "zoom_matrix",
 ]

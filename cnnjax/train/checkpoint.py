@@ -30,13 +30,31 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from cnnjax._tree import path_names
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+
+
+def _orbax():
+    """orbax.checkpoint, imported on first use: 0.2 s that importing cnnjax.train skips."""
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _manager(directory: str, **options: Any) -> ocp.CheckpointManager:
+    """A CheckpointManager over ``directory`` with a run's two items, state and meta."""
+    ocp = _orbax()
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(**options),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
 log = logging.getLogger("cnnjax.train")
 
@@ -138,14 +156,10 @@ class Checkpoints:
                 raise CheckpointError(f"no checkpoint in {self.directory}; train first with "
                                       f"`cnnjax train --workdir {workdir}`.")
             # (orbax's read_only mode warns on every use; create=False is enough.)
-            options = ocp.CheckpointManagerOptions(create=False, max_to_keep=None)
+            self.manager = _manager(self.directory, create=False, max_to_keep=None)
         else:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep if max_to_keep > 0 else None)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            self.manager = _manager(self.directory,
+                                    max_to_keep=max_to_keep if max_to_keep > 0 else None)
 
     # ------------------------------------------------------------------ queries
 
@@ -184,6 +198,7 @@ class Checkpoints:
         # Orbax finishes the previous async save first anyway; waiting here makes a
         # failure of that one report its own step.
         self.wait()
+        ocp = _orbax()
         try:
             started = self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(config_dict)),
@@ -224,6 +239,7 @@ class Checkpoints:
         for each unreadable newer one)."""
         candidates = [step] if step is not None else list(reversed(self.all_steps()))
         failure = "there is no checkpoint"
+        ocp = _orbax()
         for candidate in candidates:
             try:
                 restored = self.manager.restore(
@@ -292,6 +308,7 @@ class Checkpoints:
         target = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract_state)
         unreadable: list[str] = []
+        ocp = _orbax()
         for candidate in reversed(steps):
             try:
                 self._check_stored(candidate, target)
@@ -371,10 +388,8 @@ def load_matching_params(path: str, params: Any, sharding: jax.sharding.Sharding
     if "://" not in directory and not os.path.isdir(directory):
         raise CheckpointError(f"init_from={path!r}: no such directory; pass the workdir of "
                               "an earlier run, e.g. --config.init_from=runs/lenet5_digits.")
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(create=False, max_to_keep=None),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+    manager = _manager(directory, create=False, max_to_keep=None)
+    ocp = _orbax()
     try:
         step = manager.latest_step()
         if step is None:
