@@ -14,9 +14,9 @@ Command::
 
 Expected result: 98.9% test accuracy (355/359 held-out digits; seeds 1-3
 gave 99.2%, 99.4%, 98.6%) after 15 epochs (660 steps). Whole process on a
-2-core CPU shared with other jobs: 12.4 s with an empty XLA compile cache and
-11.1 s with a warm one (``~/.cache/cnnjax/xla``) at load average ~2.5; 23.8 s
-and 19.2 s at load average ~4.5.
+2-core CPU shared with other jobs: 11.7 s with an empty XLA compile cache and
+8.3-8.7 s with a warm one (``~/.cache/cnnjax/xla``) at load average ~1.3; 23.8 s
+and 19.2 s at load average ~4.5 (before the compile got cheaper).
 """
 
 from __future__ import annotations
