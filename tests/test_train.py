@@ -268,3 +268,12 @@ def test_metric_writer_tensorboard_hides_steps_a_killed_run_logged_again(tmp_pat
     assert len(os.listdir(logdir)) == 2  # the second writer did not overwrite the first
     assert tensorboard_scalars(logdir)["train_loss"] == [(5, 5.0), (10, 10.0), (15, 1.5),
                                                           (20, 2.0)]
+
+
+def test_importing_the_trainer_leaves_orbax_until_a_checkpoint_is_used():
+    code = ("import sys, cnnjax.train; before = 'orbax.checkpoint' in sys.modules; "
+            "from cnnjax.train.checkpoint import Checkpoints; import tempfile; "
+            "Checkpoints(tempfile.mkdtemp()); print(before, 'orbax.checkpoint' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout + out.stderr
