@@ -300,7 +300,7 @@ def _augment_one(image, key, cfg):
 # train step took to compile. A gather from the table compiles in milliseconds
 # and runs as fast (NOTES.md, attempt 41). Accelerators gather slowly: they convert.
 UNIT_SCALE_IMPL_BY_BACKEND = {"cpu": "table", "gpu": "convert", "tpu": "convert"}
-_UNIT_TABLE = np.arange(256, dtype=np.float64) / 255.0  # i / 255, rounded once to float32 below
+_UNIT_TABLE = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)  # rounded once
 
 
 def unit_scale(images, impl: str = "auto"):
@@ -315,8 +315,7 @@ def unit_scale(images, impl: str = "auto"):
     if impl == "auto":
         impl = UNIT_SCALE_IMPL_BY_BACKEND.get(jax.default_backend(), "convert")
     if impl == "table" and images.dtype == jnp.uint8:
-        table = jnp.asarray(_UNIT_TABLE, dtype=jnp.float32)
-        return jnp.take(table, images.astype(jnp.int32), mode="clip")
+        return jnp.take(_UNIT_TABLE, images.astype(jnp.int32), mode="clip")
     return images.astype(jnp.float32) / 255.0
 
 
