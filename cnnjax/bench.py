@@ -16,6 +16,9 @@ prints):
   dL/dx, dL/dW). Activations, pooling, LRN, the loss and the optimizer are not
   counted (they are a few percent at most). ``xla_flops_per_image`` is XLA's own
   count (``compiled.cost_analysis()``) divided by the batch, as a cross-check.
+  XLA counts the body of a loop once: weight gradients computed block by block
+  in a loop (``weight_grad_impl`` "im2col", and "row_col", which the CPU picks
+  for VGG's 64-channel layers) are undercounted, and so is ``hfu`` below.
 * ``achieved_flops`` = flops_per_image x images_per_sec (FLOP/s).
 * ``peak_flops``: the device's matmul throughput measured in this process (a
   jitted square ``dot`` in the compute dtype, best of several runs just before

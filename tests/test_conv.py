@@ -445,10 +445,57 @@ def test_small_patch_rule_picks_col2im_and_im2col_on_cpu(monkeypatch):
     # Zero padding: the stacked patch matrix loses to per-image gradients.
     assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16), ((2, 2), (2, 2))) == (
         "col2im", "per_image")
-    assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 64)) == ("xla", "per_image")
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 32, 64)) == ("xla", "per_image")
     assert conv_module._pick_grads("xla", "offsets", (5, 5, 1, 6)) == ("xla", "offsets")
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16)) == ("xla", "xla")
+
+
+def test_row_col_rule_on_cpu(monkeypatch):
+    # VGG-16's 64-input-channel layers at stride 1 take "row_col"; fewer input
+    # channels, more filters, a stride, or another backend keep their formulation.
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    pads = ((1, 1), (1, 1))
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 64), pads) == ("xla", "row_col")
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 128), pads) == ("xla", "row_col")
+    assert conv_module._pick_grads("auto", "auto", (5, 5, 96, 256), pads)[1] == "per_image"
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 64), pads, (2, 2))[1] == "per_image"
+    assert conv_module._pick_grads("auto", "per_image", (3, 3, 64, 64), pads)[1] == "per_image"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 64), pads)[1] == "xla"
+
+
+@pytest.mark.parametrize("shape,pixels,expected", [
+    ((4, 224, 226), 2048, (1, 8)),     # VGG-16 block 1: 8 rows of 226 divide 224
+    ((4, 112, 114), 2048, (1, 16)),    # block 2
+    ((128, 32, 34), 2048, (1, 32)),    # one whole image per block
+    ((128, 8, 10), 2048, (16, 8)),     # 25 images would fit; 16 divide the batch
+    ((7, 8, 10), 2048, (7, 8)),        # the whole batch in one block
+    ((2, 23, 10), 50, (1, 5)),         # 23 rows: no divisor near 5, a remainder of 3
+])
+def test_row_col_blocks(monkeypatch, shape, pixels, expected):
+    monkeypatch.setattr(conv_module, "_ROW_COL_BLOCK_PIXELS", pixels)
+    assert conv_module._row_col_blocks(*shape) == expected
+
+
+@pytest.mark.parametrize("stride,padding,dilation,pixels", [
+    (1, 1, 1, 2048), (1, 1, 1, 30), (1, ((2, 0), (1, 3)), (1, 2), 25),
+    ((2, 1), ((2, 0), (1, 3)), (1, 2), 40), ((1, 3), 2, (2, 1), 16), (3, 0, 2, 1)])
+def test_row_col_weight_grad_in_blocks(x64, monkeypatch, stride, padding, dilation, pixels):
+    # Small block budgets split the batch into images and rows, with a remainder of
+    # rows for the whole batch (13 output rows at stride 1 in blocks of 3 or 4);
+    # strides and dilations in both axes, asymmetric padding.
+    monkeypatch.setattr(conv_module, "_ROW_COL_BLOCK_PIXELS", pixels)
+    rng = np.random.default_rng(23)
+    x = jnp.asarray(rng.standard_normal((3, 13, 6, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 2, 2, 4)))
+    f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
+                          weight_grad_impl="row_col", input_grad_impl="xla")
+    y, vjp = jax.vjp(f, x, w)
+    ref_f = functools.partial(conv_lax, stride=stride, padding=padding, dilation=dilation)
+    ref, ref_vjp = jax.vjp(ref_f, x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    np.testing.assert_allclose(vjp(g)[1], ref_vjp(g)[1], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), ((2, 1), ((2, 0), (1, 3)), (1, 2)),

@@ -25,7 +25,7 @@ flipped filters"), with ``g = dL/dy``:
   product per filter offset ``a`` between the strided slice of ``xp`` that
   offset sees and ``g``; ``"xla"`` is the correlation as one convolution of
   ``xp`` with ``g`` (batch and feature axes exchanged); ``"per_image"`` (the
-  default on CPU) uses that the sum over ``n`` splits: it sums, over chunks of
+  CPU default for most layers) uses that the sum over ``n`` splits: it sums, over chunks of
   the batch small enough to stay in cache (usually one image), XLA's own
   derived weight gradient of the chunk, which XLA:CPU computes several times
   faster per image on a small chunk than on a large batch (an image larger
@@ -33,6 +33,13 @@ flipped filters"), with ``g = dL/dy``:
   ``"stacked"`` forms the patch matrix the other way round, ``(F C_in, N W_out)``,
   one contiguous strided slice per (offset, channel) row, and takes the plain
   product with ``g``: the cheapest form when ``F C_in`` is small.
+  ``"row_col"`` splits the two spatial offsets: a filter row offset ``a`` only
+  selects rows of ``xp``, a column offset ``b`` only shifts ``g`` along the
+  width. With ``G`` the ``F_w`` shifted copies of ``g`` stacked as
+  ``(F_w K, pixels)`` rows, one plain product ``G xp_a`` per filter row gives
+  the ``F_w`` offsets of that row at once: ``F_h`` products with ``F_w K`` rows
+  and an ``F_w``-fold copy of ``g`` instead of im2col's ``F_h F_w``-fold patch
+  matrix. It runs one cache-sized block of pixels at a time in a loop.
 * ``dL/dx`` can also be taken as col2im (``input_grad_impl="col2im"``): the
   patch gradients ``g W^T``, each offset's slice added back at the input cells
   it read (``lax.pad`` with interior padding ``S - 1`` and edge padding that
@@ -89,6 +96,7 @@ __all__ = [
     "conv2d",
     "DILATION_IMPL_BY_BACKEND",
     "WEIGHT_GRAD_IMPL_BY_BACKEND",
+    "ROW_COL_CHANNELS_BY_BACKEND",
     "SMALL_PATCH_WIDTH_BY_BACKEND",
     "DIRECT_PATCH_WIDTH_BY_BACKEND",
     "STRIDED_INPUT_CHANNELS_BY_BACKEND",
@@ -110,6 +118,14 @@ DILATION_IMPL_BY_BACKEND = {"cpu": "native", "gpu": "native", "tpu": "native"}
 # fastest for 3x3 64->64 at dilation 1, 2, 4 and for AlexNet's 11x11 stride-4
 # conv1 (experiments/benchmarks/NOTES.md).
 WEIGHT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "xla"}
+# Stride-1 filters over at least this many input channels (C_in) with at most
+# this many filters (K) take the "row_col" weight gradient instead on the CPU:
+# (min C_in, max K). There XLA:CPU's weight-gradient convolution, with its
+# C_in x K result, runs at 55-75 GFLOP/s, and the F_h products (F_w K, M) x (M, C_in)
+# of "row_col" at 100-120: 1.8x faster on VGG-16's block1_conv2, 1.3-1.4x on
+# block2_conv1. With fewer input channels (16-48) or 256 filters (AlexNet's
+# conv2) it measured slower (NOTES.md, attempt 47). Absent = never.
+ROW_COL_CHANNELS_BY_BACKEND = {"cpu": (64, 128)}
 # Layers with few input channels (LeNet-5's conv1/conv2, a 3x3 conv on RGB) are
 # where XLA:CPU's convolutions are slowest: up to a patch width F_h F_w C_in of
 # this many columns the CPU takes dL/dW from the stacked patch matrix
@@ -147,7 +163,7 @@ WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": 96}
 
 _IMPLS = ("auto", "native", "space_to_batch")
 _FWD_IMPLS = ("auto", "xla", "direct", "per_image", "winograd")
-_WGRAD_IMPLS = ("auto", "per_image", "im2col", "stacked", "offsets", "xla")
+_WGRAD_IMPLS = ("auto", "per_image", "row_col", "im2col", "stacked", "offsets", "xla")
 _DGRAD_IMPLS = ("auto", "xla", "col2im")
 
 
@@ -164,21 +180,28 @@ def _is_full_window(x_hw, f_hw, pads, dilation) -> bool:
     return tuple(x_hw) == tuple(f_hw) and pads == ((0, 0), (0, 0)) and dilation == (1, 1)
 
 
-def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0))):
+def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0)),
+                stride=(1, 1)):
     """The dL/dx and dL/dW formulations "auto" stands for, for this filter on this backend.
 
     The stacked weight gradient is only picked for unpadded inputs: with zero
     padding its patch rows are slices of a padded, channel-major copy, and it
     measured 1.4-6x slower than "per_image" (NOTES.md, attempt 18).
     """
-    fh, fw, c, _ = w_shape
-    small = fh * fw * c <= SMALL_PATCH_WIDTH_BY_BACKEND.get(jax.default_backend(), 0)
+    fh, fw, c, k = w_shape
+    backend = jax.default_backend()
+    small = fh * fw * c <= SMALL_PATCH_WIDTH_BY_BACKEND.get(backend, 0)
     if input_grad_impl == "auto":
         input_grad_impl = "col2im" if small else "xla"
     if weight_grad_impl == "auto":
         unpadded = all(p == (0, 0) for p in pads)
-        weight_grad_impl = ("stacked" if small and unpadded
-                            else _pick(WEIGHT_GRAD_IMPL_BY_BACKEND, "auto"))
+        min_c, max_k = ROW_COL_CHANNELS_BY_BACKEND.get(backend, (None, None))
+        if small and unpadded:
+            weight_grad_impl = "stacked"
+        elif min_c is not None and tuple(stride) == (1, 1) and c >= min_c and k <= max_k:
+            weight_grad_impl = "row_col"
+        else:
+            weight_grad_impl = _pick(WEIGHT_GRAD_IMPL_BY_BACKEND, "auto")
     return input_grad_impl, weight_grad_impl
 
 
@@ -537,6 +560,79 @@ def _weight_grad_per_image(x, g, w_shape, stride, pads, dilation, acc):
     return total
 
 
+# Pixels (images x output rows x padded input width) per block of the "row_col"
+# weight gradient: blocks of 1,000-4,000 pixels measured alike on VGG-16's
+# 64-channel layers, smaller ones up to 1.5x slower (NOTES.md, attempt 47).
+_ROW_COL_BLOCK_PIXELS = 2048
+
+
+def _row_col_blocks(n: int, ho: int, wp: int) -> tuple[int, int]:
+    """(images, output rows) per "row_col" block: about _ROW_COL_BLOCK_PIXELS pixels.
+
+    Whole images, as many as divide the batch, when one image is small enough;
+    otherwise blocks of rows of one image, preferably as many rows as divide the
+    image's (the loop then covers it exactly), else a remainder of rows that
+    one more product takes for the whole batch.
+    """
+    if ho * wp <= _ROW_COL_BLOCK_PIXELS:
+        return _largest_divisor_at_most(n, _ROW_COL_BLOCK_PIXELS // (ho * wp)), ho
+    rows = max(1, _ROW_COL_BLOCK_PIXELS // wp)
+    divisor = _largest_divisor_at_most(ho, rows)
+    return 1, divisor if 2 * divisor >= rows else rows
+
+
+def _weight_grad_row_col(xp, g, w_shape, stride, dilation, acc):
+    """dL/dw from row slices of xp and F_w column-shifted copies of g.
+
+    dL/dw[a, b, c, k] = sum_{n, i, j'} xp[n, i S_h + a D_h, j', c] gd[n, i, j' - b D_w, k],
+    where j' runs over xp's padded width and gd is g with S_w - 1 zeros between its
+    columns (zero outside). For each block of pixels, the F_w shifted copies of gd
+    are stacked channel-major into G (F_w K, M); the F_h products G xp_a, with xp_a
+    the (M, C_in) rows filter row a reads, give dL/dw[a] for all b at once. The
+    columns between the strided ones are zeros in gd: at S_w > 1 the products do
+    S_w times the work, which is why "auto" picks this form at stride 1 only.
+    """
+    fh, fw, c, k = w_shape
+    (sh, sw), (dh, dw) = stride, dilation
+    n, ho, wo, _ = g.shape
+    wp = xp.shape[2]
+    if sw > 1:
+        g = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, 0, 0), (0, 0, sw - 1), (0, 0, 0)))
+    left = (fw - 1) * dw
+
+    def block(xb, gb):
+        # xb: (m, (r - 1) S_h + (F_h - 1) D_h + 1, W_p, C_in) rows of xp; gb: (m, r, ., K).
+        m, r = gb.shape[:2]
+        gb = jnp.pad(gb, ((0, 0), (0, 0), (left, wp - gb.shape[2]), (0, 0)))
+        shifted = jnp.stack([jnp.moveaxis(gb[:, :, left - b * dw : left - b * dw + wp], 3, 0)
+                             for b in range(fw)])
+        shifted = shifted.reshape(fw * k, m * r * wp)
+        return jnp.stack([
+            lax.dot(shifted, xb[:, a * dh : a * dh + (r - 1) * sh + 1 : sh].reshape(-1, c),
+                    preferred_element_type=acc)
+            for a in range(fh)])
+
+    per, rows = _row_col_blocks(n, ho, wp)
+    span = (rows - 1) * sh + (fh - 1) * dh + 1
+    row_blocks = ho // rows
+
+    def body(i, total):
+        bi, r0 = (i // row_blocks) * per, (i % row_blocks) * rows
+        xb = lax.dynamic_slice(xp, (bi, r0 * sh, 0, 0), (per, span, wp, c))
+        gb = lax.dynamic_slice(g, (bi, r0, 0, 0), (per, rows, g.shape[2], k))
+        return total + block(xb, gb)
+
+    trips = (n // per) * row_blocks
+    if trips == 1:
+        total = block(xp[:, :span], g)
+    else:
+        total = lax.fori_loop(0, trips, body, jnp.zeros((fh, fw * k, c), acc))
+    if row_blocks * rows < ho:  # the remaining rows, for the whole batch at once
+        r0 = row_blocks * rows
+        total = total + block(xp[:, r0 * sh :], g[:, r0:])
+    return total.reshape(fh, fw, k, c).transpose(0, 1, 3, 2)
+
+
 # Batch chunks of the "stacked" weight gradient: about this many bytes of patches each.
 _STACKED_CHUNK_BYTES = 16 * 2**20
 
@@ -591,6 +687,8 @@ def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
         return _weight_grad_im2col(xp, g, w_shape, stride, dilation, acc)
     if impl == "stacked":
         return _weight_grad_stacked(xp, g, w_shape, stride, dilation, acc)
+    if impl == "row_col":
+        return _weight_grad_row_col(xp, g, w_shape, stride, dilation, acc)
     # "offsets": one (N H_out W_out, C_in)^T (N H_out W_out, K) product per offset.
     g2 = g.reshape(-1, k)
     windows = _offset_windows(xp, g.shape[1:3], (fh, fw), stride, dilation)
@@ -647,9 +745,10 @@ def conv2d(
       dilation: D, an int or ``(D_h, D_w)``; the filter spans ``D (F - 1) + 1`` cells.
       dilation_impl: "auto", "native" or "space_to_batch" (the atrous trick; only
         used for stride 1 and dilation > 1).
-      weight_grad_impl: "auto", "per_image", "im2col", "offsets" or "xla": how dL/dkernel is
-        formed (see the module docstring); "auto" picks per backend from
-        ``WEIGHT_GRAD_IMPL_BY_BACKEND`` and ``SMALL_PATCH_WIDTH_BY_BACKEND``.
+      weight_grad_impl: "auto", "per_image", "row_col", "im2col", "stacked", "offsets" or
+        "xla": how dL/dkernel is formed (see the module docstring); "auto" picks per
+        backend from ``WEIGHT_GRAD_IMPL_BY_BACKEND``, ``ROW_COL_CHANNELS_BY_BACKEND``
+        and ``SMALL_PATCH_WIDTH_BY_BACKEND``.
       forward_impl: "auto", "xla" (XLA's convolution, dilated per ``dilation_impl``),
         "direct" (the sum of F_h F_w C_in shifted copies of x times a filter row, for
         filters with a small patch width; see ``DIRECT_PATCH_WIDTH_BY_BACKEND``) or
@@ -730,7 +829,7 @@ def conv2d(
         impl = forward
     else:
         impl = _pick(DILATION_IMPL_BY_BACKEND, dilation_impl)
-    dgrad, wgrad = _pick_grads(input_grad_impl, weight_grad_impl, kernel.shape, pads)
+    dgrad, wgrad = _pick_grads(input_grad_impl, weight_grad_impl, kernel.shape, pads, s)
     y = _conv(x.astype(dtype), kernel.astype(dtype), s, pads, d, impl, dgrad, wgrad)
     if bias is not None:
         if getattr(bias, "shape", None) != (kernel.shape[3],):
