@@ -452,13 +452,18 @@ def test_small_patch_rule_picks_col2im_and_im2col_on_cpu(monkeypatch):
 
 
 def test_row_col_rule_on_cpu(monkeypatch):
-    # VGG-16's 64-input-channel layers at stride 1 take "row_col"; fewer input
-    # channels, more filters, a stride, or another backend keep their formulation.
+    # VGG-16's 64-input-channel layers at stride 1 take "row_col", and so do wide 1x1
+    # filters; fewer input channels, the AlexNets' conv2 (5 x 192 or 5 x 256 shifted
+    # rows of g), a stride, or another backend keep their formulation.
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     pads = ((1, 1), (1, 1))
     assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 64), pads) == ("xla", "row_col")
     assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 128), pads) == ("xla", "row_col")
+    assert conv_module._pick_grads("auto", "auto", (1, 1, 512, 512))[1] == "row_col"
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 96, 256), pads)[1] == "row_col"
+    assert conv_module._pick_grads("auto", "auto", (5, 5, 64, 192), pads)[1] == "per_image"
     assert conv_module._pick_grads("auto", "auto", (5, 5, 96, 256), pads)[1] == "per_image"
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 48, 96), pads)[1] == "per_image"
     assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 64), pads, (2, 2))[1] == "per_image"
     assert conv_module._pick_grads("auto", "per_image", (3, 3, 64, 64), pads)[1] == "per_image"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

@@ -118,14 +118,17 @@ DILATION_IMPL_BY_BACKEND = {"cpu": "native", "gpu": "native", "tpu": "native"}
 # fastest for 3x3 64->64 at dilation 1, 2, 4 and for AlexNet's 11x11 stride-4
 # conv1 (experiments/benchmarks/NOTES.md).
 WEIGHT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "xla"}
-# Stride-1 filters over at least this many input channels (C_in) with at most
-# this many filters (K) take the "row_col" weight gradient instead on the CPU:
-# (min C_in, max K). There XLA:CPU's weight-gradient convolution, with its
-# C_in x K result, runs at 55-75 GFLOP/s, and the F_h products (F_w K, M) x (M, C_in)
-# of "row_col" at 100-120: 1.8x faster on VGG-16's block1_conv2, 1.3-1.4x on
-# block2_conv1. With fewer input channels (16-48) or 256 filters (AlexNet's
-# conv2) it measured slower (NOTES.md, attempt 47). Absent = never.
-ROW_COL_CHANNELS_BY_BACKEND = {"cpu": (64, 128)}
+# Stride-1 filters over at least this many input channels (C_in), with at most
+# this many rows F_w K in the stacked shifted copies of g, take the "row_col"
+# weight gradient instead on the CPU: (min C_in, max F_w K). There the F_h
+# products (F_w K, M) x (M, C_in) of "row_col" ran at 100-130 GFLOP/s and XLA:CPU's
+# weight-gradient convolution at 17-100: 1.8x faster on VGG-16's block1_conv2,
+# 1.3-1.4x on block2_conv1 (2-3% of the whole train step), 2-6x on 1x1 filters,
+# 1.2x at 3x3, 96 -> 256 (F_w K = 768). Slower: fewer input channels (16-48);
+# torchvision AlexNet's conv2 (5x5, 192 filters: F_w K = 960) in the whole train
+# step, though 1.1x faster alone; AlexNet's conv2 (F_w K = 1280) even alone
+# (NOTES.md, attempts 47 and 53). Absent = never.
+ROW_COL_CHANNELS_BY_BACKEND = {"cpu": (64, 768)}
 # Layers with few input channels (LeNet-5's conv1/conv2, a 3x3 conv on RGB) are
 # where XLA:CPU's convolutions are slowest: up to a patch width F_h F_w C_in of
 # this many columns the CPU takes dL/dW from the stacked patch matrix
@@ -195,10 +198,11 @@ def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0)
         input_grad_impl = "col2im" if small else "xla"
     if weight_grad_impl == "auto":
         unpadded = all(p == (0, 0) for p in pads)
-        min_c, max_k = ROW_COL_CHANNELS_BY_BACKEND.get(backend, (None, None))
+        min_c, max_rows = ROW_COL_CHANNELS_BY_BACKEND.get(backend, (None, None))
         if small and unpadded:
             weight_grad_impl = "stacked"
-        elif min_c is not None and tuple(stride) == (1, 1) and c >= min_c and k <= max_k:
+        elif (min_c is not None and tuple(stride) == (1, 1) and c >= min_c
+              and fw * k <= max_rows):
             weight_grad_impl = "row_col"
         else:
             weight_grad_impl = _pick(WEIGHT_GRAD_IMPL_BY_BACKEND, "auto")
