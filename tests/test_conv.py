@@ -487,9 +487,10 @@ def test_row_col_blocks(monkeypatch, shape, pixels, expected):
     (1, 1, 1, 2048), (1, 1, 1, 30), (1, ((2, 0), (1, 3)), (1, 2), 25),
     ((2, 1), ((2, 0), (1, 3)), (1, 2), 40), ((1, 3), 2, (2, 1), 16), (3, 0, 2, 1)])
 def test_row_col_weight_grad_in_blocks(x64, monkeypatch, stride, padding, dilation, pixels):
-    # Small block budgets split the batch into images and rows, with a remainder of
-    # rows for the whole batch (13 output rows at stride 1 in blocks of 3 or 4);
-    # strides and dilations in both axes, asymmetric padding.
+    # The block budget decides the split: the whole batch in one block (2048); 13
+    # output rows in blocks of 3 plus a remainder of 1 (30), or 7 rows at stride 2 in
+    # blocks of 4 plus 3 (40), each remainder taken for the whole batch at once;
+    # one-row blocks. Strides and dilations in both axes, asymmetric padding.
     monkeypatch.setattr(conv_module, "_ROW_COL_BLOCK_PIXELS", pixels)
     rng = np.random.default_rng(23)
     x = jnp.asarray(rng.standard_normal((3, 13, 6, 2)))

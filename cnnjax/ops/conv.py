@@ -189,7 +189,9 @@ def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0)
 
     The stacked weight gradient is only picked for unpadded inputs: with zero
     padding its patch rows are slices of a padded, channel-major copy, and it
-    measured 1.4-6x slower than "per_image" (NOTES.md, attempt 18).
+    measured 1.4-6x slower than "per_image" (NOTES.md, attempt 18). Other
+    stride-1 filters over many input channels take "row_col" where
+    ``ROW_COL_CHANNELS_BY_BACKEND`` says so.
     """
     fh, fw, c, k = w_shape
     backend = jax.default_backend()
