@@ -470,6 +470,21 @@ def test_row_col_rule_on_cpu(monkeypatch):
     assert conv_module._pick_grads("auto", "auto", (3, 3, 64, 64), pads)[1] == "xla"
 
 
+def _check_weight_grad(impl, x_shape, w_shape, stride, padding, dilation, seed):
+    """dL/dw of conv2d with ``weight_grad_impl=impl`` against lax autodiff; returns (x, g)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(x_shape))
+    w = jnp.asarray(rng.standard_normal(w_shape))
+    f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
+                          weight_grad_impl=impl, input_grad_impl="xla")
+    y, vjp = jax.vjp(f, x, w)
+    ref_f = functools.partial(conv_lax, stride=stride, padding=padding, dilation=dilation)
+    _, ref_vjp = jax.vjp(ref_f, x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    np.testing.assert_allclose(vjp(g)[1], ref_vjp(g)[1], rtol=1e-10, atol=1e-10)
+    return x, g
+
+
 @pytest.mark.parametrize("shape,pixels,expected", [
     ((4, 224, 226), 2048, (1, 8)),     # VGG-16 block 1: 8 rows of 226 divide 224
     ((4, 112, 114), 2048, (1, 16)),    # block 2
@@ -492,16 +507,7 @@ def test_row_col_weight_grad_in_blocks(x64, monkeypatch, stride, padding, dilati
     # blocks of 4 plus 3 (40), each remainder taken for the whole batch at once;
     # one-row blocks. Strides and dilations in both axes, asymmetric padding.
     monkeypatch.setattr(conv_module, "_ROW_COL_BLOCK_PIXELS", pixels)
-    rng = np.random.default_rng(23)
-    x = jnp.asarray(rng.standard_normal((3, 13, 6, 2)))
-    w = jnp.asarray(rng.standard_normal((3, 2, 2, 4)))
-    f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
-                          weight_grad_impl="row_col", input_grad_impl="xla")
-    y, vjp = jax.vjp(f, x, w)
-    ref_f = functools.partial(conv_lax, stride=stride, padding=padding, dilation=dilation)
-    ref, ref_vjp = jax.vjp(ref_f, x, w)
-    g = jnp.asarray(rng.standard_normal(y.shape))
-    np.testing.assert_allclose(vjp(g)[1], ref_vjp(g)[1], rtol=1e-10, atol=1e-10)
+    _check_weight_grad("row_col", (3, 13, 6, 2), (3, 2, 2, 4), stride, padding, dilation, 23)
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), ((2, 1), ((2, 0), (1, 3)), (1, 2)),
@@ -515,18 +521,10 @@ def test_per_image_weight_grad_in_row_blocks(x64, monkeypatch, stride, padding, 
     monkeypatch.setattr(conv_module, "_ROW_BLOCK_BYTES", 1)
     monkeypatch.setattr(conv_module, "_MIN_BLOCK_PIXELS", 2)
     monkeypatch.setattr(conv_module, "_MAX_CHUNKS", 1000)
-    rng = np.random.default_rng(22)
-    x = jnp.asarray(rng.standard_normal((2, 11, 7, 2)))
-    w = jnp.asarray(rng.standard_normal((3, 2, 2, 3)))
-    f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
-                          weight_grad_impl="per_image", input_grad_impl="xla")
-    y, vjp = jax.vjp(f, x, w)
-    ref_f = functools.partial(conv_lax, stride=stride, padding=padding, dilation=dilation)
-    ref, ref_vjp = jax.vjp(ref_f, x, w)
-    g = jnp.asarray(rng.standard_normal(y.shape))
-    np.testing.assert_allclose(vjp(g)[1], ref_vjp(g)[1], rtol=1e-10, atol=1e-10)
+    x, g = _check_weight_grad("per_image", (2, 11, 7, 2), (3, 2, 2, 3), stride, padding,
+                              dilation, 22)
     blocks = conv_module._row_blocks(x, g, conv_module.to_pair(stride, "s"))
-    assert len(blocks) > 1 and blocks[0][0] == 0 and blocks[-1][1] == y.shape[1]
+    assert len(blocks) > 1 and blocks[0][0] == 0 and blocks[-1][1] == g.shape[1]
 
 
 def test_stacked_weight_grad_in_batch_chunks(x64, monkeypatch):
