@@ -327,6 +327,40 @@ def test_non_finite_gradient_stops_at_once_and_keeps_the_last_checkpoint(
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(again["params"]))
 
 
+@pytest.mark.parametrize("optimizer,momentum,nesterov,weight_decay", [
+    ("sgd", 0.0, False, 0.0), ("sgd", 0.9, False, 5e-4), ("sgd", 0.9, True, 0.0),
+    ("adam", 0.9, False, 0.0), ("adam", 0.9, False, 5e-4), ("adamw", 0.9, False, 1e-2)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("bad_step", [0, 1])
+def test_every_optimizer_carries_a_non_finite_gradient_into_the_parameters(
+        optimizer, momentum, nesterov, weight_decay, bad, bad_step):
+    # The train step only counts non-finite gradients when the updated parameters are
+    # non-finite; that holds for every optimizer the trainer builds: at the first
+    # warm-up step, where the learning rate is 0, and after a finite step.
+    from cnnjax.train import optim
+    config = make_config(optimizer=optimizer, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, warmup_epochs=1.0, schedule="constant",
+                         learning_rate=0.1)
+    schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
+    assert float(schedule(0)) == 0.0
+    tx = optim.make_optimizer(config, schedule)
+    params = {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}
+    opt_state = tx.init(params)
+    for step in range(bad_step + 1):
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+        if step == bad_step:
+            grads["kernel"] = grads["kernel"].at[1, 2].set(bad)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new = steps_lib.optax.apply_updates(params, updates)
+        if step < bad_step:
+            params = new
+            assert not bool(steps_lib.has_nonfinite(params))
+    assert bool(steps_lib.has_nonfinite(new))
+    assert int(steps_lib.count_nonfinite(new)) >= 1
+    assert int(steps_lib.count_nonfinite_if(jnp.asarray(True), grads)) == 1
+    assert int(steps_lib.count_nonfinite_if(jnp.asarray(False), grads)) == 0
+
+
 def test_non_finite_parameters_from_a_huge_learning_rate(tmp_path):
     config = make_config(dataset="synthetic", optimizer="sgd", learning_rate=1e38,
                          schedule="constant", momentum=0.0, stop_after_steps=10)

@@ -64,7 +64,7 @@ def has_nonfinite(tree: Any) -> jax.Array:
     A sum is NaN or +-Inf whenever one of its terms is, so one float sum per
     array flags every non-finite value without materialising a mask (counting
     writes an int32 copy of each array: 10x slower on XLA:CPU). The only false
-    alarm is a finite array whose sum overflows; :func:`nonfinite_count_if_any`
+    alarm is a finite array whose sum overflows; :func:`count_nonfinite_if`
     then counts exactly.
     """
     flags = [~jnp.isfinite(jnp.sum(x)) for x in jax.tree.leaves(tree)
@@ -72,10 +72,10 @@ def has_nonfinite(tree: Any) -> jax.Array:
     return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
 
 
-def nonfinite_count_if_any(tree: Any) -> jax.Array:
-    """count_nonfinite(tree), but only counted (by a lax.cond) when has_nonfinite says so."""
-    return jax.lax.cond(has_nonfinite(tree), count_nonfinite,
-                        lambda t: jnp.zeros((), jnp.int32), tree)
+def count_nonfinite_if(flag: jax.Array, tree: Any) -> jax.Array:
+    """count_nonfinite(tree) when ``flag`` (a bool scalar) is set, else 0; the tree is
+    only read in the first case (a lax.cond)."""
+    return jax.lax.cond(flag, count_nonfinite, lambda t: jnp.zeros((), jnp.int32), tree)
 
 
 class Steps:
@@ -115,9 +115,16 @@ class Steps:
             # always p (-0.0 + 0.0 == +0.0). Decided at trace time, so it costs nothing.
             params = jax.tree.map(lambda t, new, old: new if t else old,
                                   trainable_mask(model, params), params, state.params)
-            # Counted every step so that no non-finite state is ever checkpointed.
-            metrics["nonfinite_grads"] = nonfinite_count_if_any(grads)
-            metrics["nonfinite_params"] = nonfinite_count_if_any(params)
+            # Checked every step so that no non-finite state is ever checkpointed. A
+            # NaN/Inf gradient of a trained parameter always reaches it through the update
+            # (sgd, momentum, nesterov, adam and adamw alike, even at a learning rate of 0:
+            # 0 * Inf is NaN), and frozen parameters get exact zeros (stop_gradient), so
+            # one pass over the updated parameters flags both; the gradients are only
+            # read, to be counted, when it trips (a pass over every gradient less: 4% of
+            # VGG-16's train step on the CPU, NOTES.md attempt 55).
+            bad = has_nonfinite(params)
+            metrics["nonfinite_params"] = count_nonfinite_if(bad, params)
+            metrics["nonfinite_grads"] = count_nonfinite_if(bad, grads)
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
             return new_state, metrics
