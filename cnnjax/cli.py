@@ -380,13 +380,19 @@ def tune_malloc() -> bool:
     """Keep freed memory in the process instead of returning it to the OS (glibc only).
 
     XLA:CPU allocates every step's large buffers (a VGG-16 weight gradient is
-    411 MB) afresh. glibc serves such sizes with mmap and unmaps them on free, so
-    each step pays page faults on hundreds of MB of new memory: a quarter of a
-    VGG-16 or AlexNet train step on a 2-core CPU (experiments/benchmarks/NOTES.md).
-    With mmap off and a high trim threshold the memory is reused. Called by the
-    ``cnnjax`` program before anything is allocated (not on import: a library must
-    not change its host's allocator); ``CNNJAX_TUNE_MALLOC=0`` turns it off.
-    Returns whether the settings were applied.
+    411 MB, its step's temporaries 1.3 GB) afresh. glibc serves such sizes with
+    mmap and unmaps them on free, so each step pays page faults on all of it: a
+    quarter of a VGG-16 or AlexNet train step on a 2-core CPU
+    (experiments/benchmarks/NOTES.md). With mmap and trimming off the memory is
+    reused, but only by allocations of the main thread: another thread's arena
+    maps any request above 64 MB afresh whatever the settings, and XLA:CPU runs
+    (and allocates for) a program on its worker threads unless dispatch is
+    synchronous. So this also turns JAX's asynchronous CPU dispatch off (no effect
+    on GPUs and TPUs): AlexNet's train step 16% faster, VGG-16's 15%, LeNet-5's the
+    same (NOTES.md, attempt 56). Called by the ``cnnjax`` program before anything
+    is allocated (not on import: a library must not change its host's allocator
+    or JAX's settings); ``CNNJAX_TUNE_MALLOC=0`` turns it off. Returns whether the
+    settings were applied.
     """
     import os
 
@@ -396,10 +402,16 @@ def tune_malloc() -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        # -1: never trim (mallopt(3)); the largest finite threshold, 2 GB, is less than
+        # what one step of a large model frees at once.
+        if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
+            return False
     except (OSError, AttributeError):  # not glibc (musl, macOS): leave malloc alone
         return False
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
 
 
 def console_main() -> int:

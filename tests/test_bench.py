@@ -124,7 +124,9 @@ def test_torch_peers_match_the_parameter_counts():
 
 
 def _tune_malloc_in_fresh_process(env_value):
-    """(whether tune_malloc applied, page faults of a second 64 MiB buffer) in a new process."""
+    """(whether tune_malloc applied, JAX's async CPU dispatch setting, page faults of a
+    second 64 MiB buffer, page faults of a second run of a jitted program with a 96 MiB
+    result) in a new process."""
     import os
     import subprocess
     import sys
@@ -137,28 +139,40 @@ def _tune_malloc_in_fresh_process(env_value):
 import resource
 from cnnjax.cli import tune_malloc
 applied = tune_malloc()
+import jax, jax.numpy as jnp
 def use_buffer():
     b = bytearray(64 * 2**20)
     b[::4096] = bytes(len(range(0, len(b), 4096)))  # touch every page
     del b
-use_buffer()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-use_buffer()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+x = jnp.ones((24 * 2**20,), jnp.float32)
+double = jax.jit(lambda x: x * 2)
+def run_program():
+    jax.block_until_ready(double(x))
+def faults_of_second(run):
+    run()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    run()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(applied, jax.config.values["jax_cpu_enable_async_dispatch"],
+      faults_of_second(use_buffer), faults_of_second(run_program))
 """
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
-    return out[0], int(out[1])
+    return out[0], out[1], int(out[2]), int(out[3])
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc only")
 def test_tune_malloc_reuses_freed_memory_without_page_faults():
-    # A 64 MiB buffer is 16,384 pages of 4 KiB. Untuned, glibc maps it afresh each
-    # time and every page faults again; tuned, the freed memory is reused.
-    applied, faults = _tune_malloc_in_fresh_process(None)
-    assert applied == "True" and faults < 2_000
-    applied, faults = _tune_malloc_in_fresh_process("0")
-    assert applied == "False" and faults >= 16_000
+    # A 64 MiB buffer is 16,384 pages of 4 KiB, a 96 MiB result 24,576. Untuned, glibc
+    # maps each afresh and every page faults again (XLA:CPU allocates a result on a
+    # worker thread, whose arena maps it whatever the settings); tuned, the freed memory
+    # is reused and XLA:CPU runs the program on the calling thread.
+    applied, async_dispatch, faults, program_faults = _tune_malloc_in_fresh_process(None)
+    assert applied == "True" and async_dispatch == "False"
+    assert faults < 2_000 and program_faults < 2_000
+    applied, async_dispatch, faults, program_faults = _tune_malloc_in_fresh_process("0")
+    assert applied == "False" and async_dispatch == "True"
+    assert faults >= 16_000 and program_faults >= 24_000
 
 
 def test_the_cnnjax_program_tunes_malloc_and_main_does_not(monkeypatch):

@@ -277,3 +277,40 @@ def test_importing_the_trainer_leaves_orbax_until_a_checkpoint_is_used():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.stdout.split()[-2:] == ["False", "True"], out.stdout + out.stderr
+
+
+def test_prefetch_yields_the_global_batches_in_order_and_raises_where_the_source_did():
+    from cnnjax.train import mesh as mesh_lib
+    from cnnjax.train.loop import _Prefetch
+
+    mesh = mesh_lib.make_mesh()
+    n = jax.device_count()
+    local = [{"image": np.full((n, 2, 2, 1), i, np.uint8), "label": np.arange(n, dtype=np.int32)}
+             for i in range(5)]
+    prefetch = _Prefetch(mesh, iter(local))
+    got = [int(np.asarray(b["image"])[0, 0, 0, 0]) for b in prefetch]
+    assert got == [0, 1, 2, 3, 4]
+    with pytest.raises(StopIteration):  # and stays ended
+        next(prefetch)
+    prefetch.close()
+
+    def failing():
+        yield local[0]
+        yield local[1]
+        raise OSError("the shard went missing")
+
+    prefetch = _Prefetch(mesh, failing())
+    assert int(np.asarray(next(prefetch)["image"])[0, 0, 0, 0]) == 0
+    assert int(np.asarray(next(prefetch)["image"])[0, 0, 0, 0]) == 1
+    with pytest.raises(OSError, match="the shard went missing"):
+        next(prefetch)
+    prefetch.close()
+
+    def endless():
+        while True:
+            yield local[2]
+
+    prefetch = _Prefetch(mesh, endless(), depth=2)
+    assert int(np.asarray(next(prefetch)["label"])[-1]) == n - 1
+    prefetch.close()  # stops reading ahead of an endless source
+    assert not prefetch._thread.is_alive()
