@@ -196,6 +196,7 @@ def test_profile_step_script_splits_a_step_by_layer_and_pass(capsys, monkeypatch
     hlo = tmp_path / "step.hlo"
     monkeypatch.setattr("sys.argv", ["profile_step.py", "--model", "lenet5", "--batch", "8",
                                      "--steps", "1", "--hlo", str(hlo)])
+    monkeypatch.setenv("CNNJAX_TUNE_MALLOC", "0")  # leave this test process's settings alone
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "lenet5 train batch 8: step" in out

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cnnjax import cli
 from cnnjax.ops import local_response_norm
 from cnnjax.ops.conv import conv2d
 
@@ -195,6 +196,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--only", default="", help="run only cases whose label contains this")
     args = parser.parse_args(argv)
+    # The `cnnjax` program's allocator and dispatch settings (see cli.tune_malloc), so
+    # that the figures are those of `cnnjax bench` and `cnnjax train`.
+    cli.tune_malloc()
     runs = args.runs or (3 if args.quick else 7)
     with_torch = torch is not None and not args.no_torch
     threads = os.cpu_count() or 1

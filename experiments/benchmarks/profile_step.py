@@ -31,7 +31,7 @@ import time
 
 import jax
 
-from cnnjax import bench
+from cnnjax import bench, cli
 
 
 def _op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--hlo", help="also write the compiled HLO text here")
     args = parser.parse_args()
+    # The `cnnjax` program's allocator and dispatch settings (see cli.tune_malloc), so
+    # that the figures are those of `cnnjax bench` and `cnnjax train`.
+    cli.tune_malloc()
 
     _, steps, state, batch, options, _ = bench._build(args.model, args.batch, "float32", 0)
     if args.mode == "train":
