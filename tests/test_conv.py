@@ -411,6 +411,46 @@ def test_col2im_input_grad_crops_padding_and_unread_cells(x64):
         np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], rtol=1e-10, atol=1e-12)
 
 
+def test_per_image_input_grad_in_batch_chunks(x64, monkeypatch):
+    # A small chunk budget splits the batch into chunks of 2-3 images (the last one
+    # shorter); the result is lax autodiff's, strided, dilated and padded alike.
+    # Images too large for two per chunk take the whole batch at once.
+    monkeypatch.setattr(conv_module, "_DGRAD_CHUNK_BYTES", 3 * 8 * (9 * 8 * 3 + 5 * 4 * 4))
+    rng = np.random.default_rng(19)
+    x, w = jnp.asarray(rng.standard_normal((7, 9, 8, 3))), jnp.asarray(
+        rng.standard_normal((3, 3, 3, 4)))
+    for stride, padding, dilation in [(2, 1, 1), ((2, 3), ((2, 0), (1, 2)), 1), (2, 2, 2),
+                                      (1, 1, 1)]:
+        f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
+                              input_grad_impl="per_image")
+        y, vjp = jax.vjp(f, x, w)
+        ref, ref_vjp = jax.vjp(functools.partial(conv_lax, stride=stride, padding=padding,
+                                                 dilation=dilation), x, w)
+        g = jnp.asarray(rng.standard_normal(y.shape))
+        np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], rtol=1e-10, atol=1e-12)
+
+    def input_grad_convs(stride):
+        _, vjp_x = jax.vjp(lambda x: conv2d(x, w, stride=stride, padding=1,
+                                            input_grad_impl="per_image"), x)
+        g = jnp.zeros(conv2d(x, w, stride=stride, padding=1).shape)
+        return str(jax.make_jaxpr(vjp_x)(g)).count("lhs_dilation=(2, 2)")
+
+    assert input_grad_convs(2) == 3  # chunks of 3, 3 and 1 images (float64, 5 x 4 outputs)
+    monkeypatch.setattr(conv_module, "_DGRAD_CHUNK_BYTES", 8 * (9 * 8 * 3 + 5 * 4 * 4))
+    assert input_grad_convs(2) == 1  # one image per chunk: the whole batch at once
+
+
+def test_strided_filters_take_the_chunked_input_grad_on_cpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    pads = ((1, 1), (1, 1))
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 96, 96), pads, (2, 2))[0] == "per_image"
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 96, 96), pads, (1, 1))[0] == "xla"
+    assert conv_module._pick_grads("xla", "auto", (3, 3, 96, 96), pads, (2, 2))[0] == "xla"
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 3, 96), pads, (2, 2))[0] == "col2im"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 96, 96), pads, (2, 2))[0] == "xla"
+
+
 def test_check_grads_order2_col2im(x64):
     rng = np.random.default_rng(17)
     x = jnp.asarray(rng.standard_normal((1, 6, 5, 2)))

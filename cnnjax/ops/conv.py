@@ -43,7 +43,9 @@ flipped filters"), with ``g = dL/dy``:
 * ``dL/dx`` can also be taken as col2im (``input_grad_impl="col2im"``): the
   patch gradients ``g W^T``, each offset's slice added back at the input cells
   it read (``lax.pad`` with interior padding ``S - 1`` and edge padding that
-  crops padded cells), which beats a convolution when ``F C_in`` is small.
+  crops padded cells), which beats a convolution when ``F C_in`` is small; or
+  as XLA's convolution per batch chunk (``input_grad_impl="per_image"``), which
+  the CPU takes for strided filters.
 * ``dL/db[k] = sum_{n, i, j} g[n, i, j, k]``.
 
 A filter that covers the whole unpadded input (output ``1 x 1``) is a dense
@@ -97,6 +99,7 @@ __all__ = [
     "DILATION_IMPL_BY_BACKEND",
     "WEIGHT_GRAD_IMPL_BY_BACKEND",
     "ROW_COL_CHANNELS_BY_BACKEND",
+    "STRIDED_INPUT_GRAD_IMPL_BY_BACKEND",
     "SMALL_PATCH_WIDTH_BY_BACKEND",
     "DIRECT_PATCH_WIDTH_BY_BACKEND",
     "STRIDED_INPUT_CHANNELS_BY_BACKEND",
@@ -129,6 +132,14 @@ WEIGHT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "xla"}
 # step, though 1.1x faster alone; AlexNet's conv2 (F_w K = 1280) even alone
 # (NOTES.md, attempts 47 and 53). Absent = never.
 ROW_COL_CHANNELS_BY_BACKEND = {"cpu": (64, 768)}
+# dL/dx of a strided filter: "per_image" is XLA's input-gradient convolution (a
+# convolution of the stride-dilated g) per batch chunk of about _DGRAD_CHUNK_BYTES
+# of g and dL/dx, when at least two images fit in one (else the whole batch at
+# once, as "xla"). On the 2-core Intel CPU the all-convolutional net's 3x3 stride-2
+# layer over 96 channels at 32x32 took 32 ms in chunks against 71 at once (its
+# train step 6% faster); stride-1 layers measured the same or slower, AlexNet's
+# 5x5 conv2 in the whole train step included (NOTES.md, attempt 58).
+STRIDED_INPUT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "xla"}
 # Layers with few input channels (LeNet-5's conv1/conv2, a 3x3 conv on RGB) are
 # where XLA:CPU's convolutions are slowest: up to a patch width F_h F_w C_in of
 # this many columns the CPU takes dL/dW from the stacked patch matrix
@@ -167,7 +178,7 @@ WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": 96}
 _IMPLS = ("auto", "native", "space_to_batch")
 _FWD_IMPLS = ("auto", "xla", "direct", "per_image", "winograd")
 _WGRAD_IMPLS = ("auto", "per_image", "row_col", "im2col", "stacked", "offsets", "xla")
-_DGRAD_IMPLS = ("auto", "xla", "col2im")
+_DGRAD_IMPLS = ("auto", "xla", "per_image", "col2im")
 
 
 def _pick(table: dict, impl: str) -> str:
@@ -197,7 +208,9 @@ def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0)
     backend = jax.default_backend()
     small = fh * fw * c <= SMALL_PATCH_WIDTH_BY_BACKEND.get(backend, 0)
     if input_grad_impl == "auto":
-        input_grad_impl = "col2im" if small else "xla"
+        input_grad_impl = ("col2im" if small
+                           else _pick(STRIDED_INPUT_GRAD_IMPL_BY_BACKEND, "auto")
+                           if max(stride) > 1 else "xla")
     if weight_grad_impl == "auto":
         unpadded = all(p == (0, 0) for p in pads)
         min_c, max_rows = ROW_COL_CHANNELS_BY_BACKEND.get(backend, (None, None))
@@ -434,6 +447,13 @@ def _input_grad(g, w, x_hw, stride, pads, dilation, impl, dgrad_impl="xla"):
     grad_pads = tuple(grad_pads)
     if stride == (1, 1) and impl == "space_to_batch" and dilation != (1, 1):
         return _space_to_batch_conv(g, w_flipped, grad_pads, dilation)
+    n = g.shape[0]
+    per_image = (g[0].size + x_hw[0] * x_hw[1] * w.shape[2]) * jnp.dtype(g.dtype).itemsize
+    size = max(_DGRAD_CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
+    if dgrad_impl == "per_image" and 2 <= size < n:
+        return jnp.concatenate([
+            _native_conv(g[i : i + size], w_flipped, (1, 1), grad_pads, dilation,
+                         lhs_dilation=stride) for i in range(0, n, size)])
     return _native_conv(g, w_flipped, (1, 1), grad_pads, dilation, lhs_dilation=stride)
 
 
@@ -507,6 +527,7 @@ def _weight_grad_im2col(xp, g, w_shape, stride, dilation, acc):
 # input rows their windows read), each block at least _MIN_BLOCK_PIXELS output
 # pixels long: on VGG-16's 224x224x64 layer this is 1.7x faster than whole images.
 _CHUNK_BYTES = 2 * 2**20
+_DGRAD_CHUNK_BYTES = 2 * 2**20
 _MAX_CHUNKS = 32
 _ROW_BLOCK_BYTES = 1 * 2**20
 _MIN_BLOCK_PIXELS = 1024
@@ -768,8 +789,10 @@ def conv2d(
         for many float32 input channels, ``WINOGRAD_MIN_CHANNELS_BY_BACKEND``, when
         both of those are "auto").
       input_grad_impl: "auto", "xla" (a forward convolution of the stride-dilated g with
-        the flipped filter) or "col2im" (g W^T added back where each patch was read);
-        "auto" picks col2im for small patch widths on the backends that gain from it.
+        the flipped filter), "per_image" (the same per cache-sized batch chunk, when two
+        or more images fit in one) or "col2im" (g W^T added back where each patch was
+        read); "auto" picks col2im for small patch widths on the backends that gain
+        from it, and for strided filters per ``STRIDED_INPUT_GRAD_IMPL_BY_BACKEND``.
 
     A filter that covers the whole unpadded input (output 1 x 1, e.g. LeNet-5's
     conv3 or a classifier layer written as a convolution) is computed as the one
