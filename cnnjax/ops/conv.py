@@ -447,13 +447,14 @@ def _input_grad(g, w, x_hw, stride, pads, dilation, impl, dgrad_impl="xla"):
     grad_pads = tuple(grad_pads)
     if stride == (1, 1) and impl == "space_to_batch" and dilation != (1, 1):
         return _space_to_batch_conv(g, w_flipped, grad_pads, dilation)
-    n = g.shape[0]
-    per_image = (g[0].size + x_hw[0] * x_hw[1] * w.shape[2]) * jnp.dtype(g.dtype).itemsize
-    size = max(_DGRAD_CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
-    if dgrad_impl == "per_image" and 2 <= size < n:
-        return jnp.concatenate([
-            _native_conv(g[i : i + size], w_flipped, (1, 1), grad_pads, dilation,
-                         lhs_dilation=stride) for i in range(0, n, size)])
+    if dgrad_impl == "per_image":
+        n = g.shape[0]
+        per_image = (g[0].size + x_hw[0] * x_hw[1] * w.shape[2]) * jnp.dtype(g.dtype).itemsize
+        size = max(_DGRAD_CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
+        if 2 <= size < n:  # one image per chunk measured slower than the whole batch
+            return jnp.concatenate([
+                _native_conv(g[i : i + size], w_flipped, (1, 1), grad_pads, dilation,
+                             lhs_dilation=stride) for i in range(0, n, size)])
     return _native_conv(g, w_flipped, (1, 1), grad_pads, dilation, lhs_dilation=stride)
 
 
@@ -527,6 +528,8 @@ def _weight_grad_im2col(xp, g, w_shape, stride, dilation, acc):
 # input rows their windows read), each block at least _MIN_BLOCK_PIXELS output
 # pixels long: on VGG-16's 224x224x64 layer this is 1.7x faster than whole images.
 _CHUNK_BYTES = 2 * 2**20
+# The chunk budget (g and dL/dx) of input_grad_impl="per_image"; 4 and 8 MiB were
+# no better (NOTES.md, attempt 58).
 _DGRAD_CHUNK_BYTES = 2 * 2**20
 _MAX_CHUNKS = 32
 _ROW_BLOCK_BYTES = 1 * 2**20

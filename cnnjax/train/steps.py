@@ -120,8 +120,8 @@ class Steps:
             # (sgd, momentum, nesterov, adam and adamw alike, even at a learning rate of 0:
             # 0 * Inf is NaN), and frozen parameters get exact zeros (stop_gradient), so
             # one pass over the updated parameters flags both; the gradients are only
-            # read, to be counted, when it trips (a pass over every gradient less: 4% of
-            # VGG-16's train step on the CPU, NOTES.md attempt 55).
+            # read, to be counted, when it trips (a pass over every gradient less: 4-5% of
+            # AlexNet's and VGG-16's train steps on the CPU, NOTES.md attempt 55).
             bad = has_nonfinite(params)
             metrics["nonfinite_params"] = count_nonfinite_if(bad, params)
             metrics["nonfinite_grads"] = count_nonfinite_if(bad, grads)
