@@ -309,10 +309,15 @@ def _forward_per_image(x, w, stride, pads, dilation):
     out_hw = conv_output_hw(x.shape[1:3], w.shape[:2], stride, pads, dilation, exact=False)
     per_image = (x[0].size + out_hw[0] * out_hw[1] * w.shape[3]) * jnp.dtype(x.dtype).itemsize
     size = max(1, _CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
-    if size >= n:
-        return _native_conv(x, w, stride, pads, dilation)
-    return jnp.concatenate([_native_conv(x[i : i + size], w, stride, pads, dilation)
-                            for i in range(0, n, size)])
+    return _native_conv_in_chunks(x, w, size, stride, pads, dilation)
+
+
+def _native_conv_in_chunks(x, w, size, stride, pads, dilation, lhs_dilation=(1, 1)):
+    """XLA's convolution of x in batch chunks of ``size`` images, concatenated."""
+    if size >= x.shape[0]:
+        return _native_conv(x, w, stride, pads, dilation, lhs_dilation)
+    return jnp.concatenate([_native_conv(x[i : i + size], w, stride, pads, dilation,
+                                         lhs_dilation) for i in range(0, x.shape[0], size)])
 
 
 # Winograd's minimal filtering F(2, 3) (Lavin & Gray, "Fast Algorithms for
@@ -451,10 +456,9 @@ def _input_grad(g, w, x_hw, stride, pads, dilation, impl, dgrad_impl="xla"):
         n = g.shape[0]
         per_image = (g[0].size + x_hw[0] * x_hw[1] * w.shape[2]) * jnp.dtype(g.dtype).itemsize
         size = max(_DGRAD_CHUNK_BYTES // per_image, -(-n // _MAX_CHUNKS))
-        if 2 <= size < n:  # one image per chunk measured slower than the whole batch
-            return jnp.concatenate([
-                _native_conv(g[i : i + size], w_flipped, (1, 1), grad_pads, dilation,
-                             lhs_dilation=stride) for i in range(0, n, size)])
+        if size >= 2:  # one image per chunk measured slower than the whole batch
+            return _native_conv_in_chunks(g, w_flipped, size, (1, 1), grad_pads, dilation,
+                                          lhs_dilation=stride)
     return _native_conv(g, w_flipped, (1, 1), grad_pads, dilation, lhs_dilation=stride)
 
 
