@@ -57,14 +57,17 @@ fuses it with the bias, :func:`cnnjax.ops.tanh` and a small average pool into
 one loop) or XLA's convolution per batch chunk (``"per_image"``, picked on the
 CPU for a strided filter over an RGB image, such as AlexNet's conv1).
 
-A 3x3 filter at stride 1 can take Winograd's minimal filtering F(2x2, 3x3)
-(``forward_impl="winograd"``, picked on the CPU from 96 float32 input
-channels: VGG-16 from block2_conv2 on, AlexNet's conv3-5, the all-convolutional
-net's 96- and 192-channel 3x3 layers): each 2x2 output tile comes
-from the 4x4 input tile under it as ``A^T [(G w G^T) * (B^T d B)] A``, 16
-multiplications per tile and channel pair instead of 36, i.e. 16 matrix
-products of 4/9 of the direct method's work in all. Its derivative is the
-exact transpose of that form, so both gradients are 16 such products too.
+A 3x3 or 5x5 filter at stride 1 can take Winograd's minimal filtering
+F(2x2, 3x3) or F(2x2, 5x5) (``forward_impl="winograd"``, picked on the CPU
+for float32 from 96 input channels for 3x3 filters: VGG-16 from block2_conv2
+on, AlexNet's conv3-5, the all-convolutional net's 96- and 192-channel 3x3
+layers; from 32 for 5x5 filters: AlexNet's conv2): each 2x2 output tile comes
+from the input tile under it as ``A^T [(G w G^T) * (B^T d B)] A``, 16
+multiplications per tile and channel pair instead of 36 (3x3), 36 instead of
+100 (5x5), i.e. 16 or 36 matrix products of 4/9 or 9/25 of the direct method's
+work in all. Both gradients are such products too: dL/dx is the Winograd form
+of the flipped filter's convolution, dL/dw the products of the transformed
+input and the transformed output gradient.
 
 Dilated convolutions can run natively (XLA's ``rhs_dilation``) or by the
 "atrous" space-to-batch trick: split the padded input into ``D_h * D_w``
@@ -78,6 +81,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -164,16 +168,20 @@ DIRECT_PATCH_WIDTH_BY_BACKEND = {"cpu": 25, "gpu": 0, "tpu": 0}
 # time than on a batch of 16 or 64. Other layers were 5-25% slower chunked (NOTES.md).
 STRIDED_INPUT_CHANNELS_BY_BACKEND = {"cpu": 4, "gpu": 0, "tpu": 0}
 
-# A 3x3 filter at stride 1 and dilation 1 over at least this many float32 input
-# channels takes Winograd's F(2x2, 3x3) form, forward and backward ("winograd").
-# On the 2-core CPU, whole train steps: VGG-16 is faster with it from 128 input
-# channels than from 256 (block2_conv2 and block3_conv1 join; their weight
-# gradients alone are 1.5x faster) and slower from 64 (block 1, where the tile
-# transforms outweigh the saved products); the all-convolutional net is about
-# 1.4x faster from 96 than from 256, training and inference alike (NOTES.md,
-# attempts 22 and 28). "auto" takes it only when both gradient formulations
-# are "auto" too (it has its own backward). Absent = never.
-WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": 96}
+# A 3x3 or 5x5 filter at stride 1 and dilation 1 over at least this many float32
+# input channels (per filter size) takes Winograd's F(2x2, 3x3) or F(2x2, 5x5)
+# form, forward and backward ("winograd"). 3x3, on the 2-core CPU, whole train
+# steps: VGG-16 is faster with it from 128 input channels than from 256
+# (block2_conv2 and block3_conv1 join; their weight gradients alone are 1.5x
+# faster) and slower from 64 (block 1, where the tile transforms outweigh the
+# saved products; again so with the hand-written backward of attempt 59); the
+# all-convolutional net is about 1.4x faster from 96 than from 256, training and
+# inference alike (NOTES.md, attempts 22 and 28). 5x5: AlexNet's train step
+# x0.86, torchvision AlexNet's x0.90; a layer's forward and backward alone
+# x0.71-0.85 from 32 channels, x1.3 at 16 and x2 at LeNet-5's 6 (attempt 59).
+# "auto" takes it only when both gradient formulations are "auto" too (it has
+# its own backward). Absent = never.
+WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": {3: 96, 5: 32}}
 
 _IMPLS = ("auto", "native", "space_to_batch")
 _FWD_IMPLS = ("auto", "xla", "direct", "per_image", "winograd")
@@ -225,7 +233,8 @@ def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0)
 
 
 def _winograd_fits(w_shape, stride, dilation) -> bool:
-    return tuple(w_shape[:2]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+    return (w_shape[0] == w_shape[1] and w_shape[0] in _WINOGRAD_TILE
+            and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1))
 
 
 def _pick_forward(forward_impl, w_shape, stride=(1, 1), dilation=(1, 1), dtype=jnp.float32,
@@ -239,7 +248,7 @@ def _pick_forward(forward_impl, w_shape, stride=(1, 1), dilation=(1, 1), dtype=j
     backend = jax.default_backend()
     if fh * fw * c <= DIRECT_PATCH_WIDTH_BY_BACKEND.get(backend, 0):
         return "direct"
-    min_channels = WINOGRAD_MIN_CHANNELS_BY_BACKEND.get(backend)
+    min_channels = WINOGRAD_MIN_CHANNELS_BY_BACKEND.get(backend, {}).get(fh)
     if (grads_auto and min_channels is not None and c >= min_channels
             and jnp.dtype(dtype) == jnp.float32 and _winograd_fits(w_shape, stride, dilation)):
         return "winograd"
@@ -320,13 +329,59 @@ def _native_conv_in_chunks(x, w, size, stride, pads, dilation, lhs_dilation=(1, 
                                          lhs_dilation) for i in range(0, x.shape[0], size)])
 
 
-# Winograd's minimal filtering F(2, 3) (Lavin & Gray, "Fast Algorithms for
-# Convolutional Neural Networks", 2016): two outputs of a 3-tap correlation from
-# a 4-cell tile d as A^T [(G w) * (B^T d)], 4 products instead of 6. In 2-D,
-# F(2x2, 3x3): Y = A^T [(G w G^T) * (B^T d B)] A, 16 products instead of 36.
-_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
-_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+# Winograd's minimal filtering F(m, r) (Lavin & Gray, "Fast Algorithms for
+# Convolutional Neural Networks", 2016): m outputs of an r-tap correlation from
+# a tile d of t = m + r - 1 cells as A^T [(G w) * (B^T d)], t products instead
+# of m r. In 2-D, F(m x m, r x r): Y = A^T [(G w G^T) * (B^T d B)] A, t^2
+# products instead of m^2 r^2. The tile per filter size (F(2x2, 3x3): 16
+# products instead of 36; F(2x2, 5x5): 36 instead of 100) and the points the
+# matrices are built on follow; larger tiles save more products but need points
+# further from 0 and lose float32 accuracy (F(4x4, 3x3) measured 20x the error
+# of F(2x2, 3x3); NOTES.md, attempt 59).
+_WINOGRAD_TILE = {3: 2, 5: 2}
+_WINOGRAD_POINTS = (0, 1, -1, 2, Fraction(-1, 2))
+
+
+@functools.cache
+def _winograd_matrices(m: int, r: int):
+    """(B^T, G, A^T) of F(m, r) by the Toom-Cook construction, as tuples of floats.
+
+    F(m, r) is the transpose of the linear convolution of a degree m - 1 and a
+    degree r - 1 polynomial, computed by evaluating both at t - 1 finite points
+    p_j and at infinity (the leading coefficients), multiplying, and
+    interpolating the degree t - 1 product: ``A^T`` evaluates the m-term
+    polynomial (rows ``p_j^i``, the point at infinity picks the last
+    coefficient), ``G`` the filter (``p_j^k / f_j`` with ``f_j = prod_{l != j}
+    (p_j - p_l)``, the Lagrange denominators moved onto the filter), and row j of
+    ``B^T`` holds the coefficients of ``prod_{l != j} (x - p_l)`` (infinity's:
+    ``prod_l (x - p_l)``). Exact in rational arithmetic, then rounded once.
+    """
+    t = m + r - 1
+    if t - 1 > len(_WINOGRAD_POINTS):
+        raise ValueError(f"F({m}, {r}) needs {t - 1} points; {len(_WINOGRAD_POINTS)} are set.")
+    points = [Fraction(p) for p in _WINOGRAD_POINTS[: t - 1]]
+
+    def poly(roots):  # coefficients of prod (x - root), constant term first
+        c = [Fraction(1)]
+        for root in roots:
+            c = [(c[i - 1] if i > 0 else 0) - root * (c[i] if i < len(c) else 0)
+                 for i in range(len(c) + 1)]
+        return c
+
+    bt, g = [], []
+    for j, p in enumerate(points):
+        others = points[:j] + points[j + 1 :]
+        f = functools.reduce(lambda a, q: a * (p - q), others, Fraction(1))
+        bt.append([*poly(others), Fraction(0)])
+        g.append([p**k / f for k in range(r)])
+    bt.append(poly(points))
+    g.append([Fraction(int(k == r - 1)) for k in range(r)])
+    at = [[p**i for p in points] + [Fraction(int(i == m - 1))] for i in range(m)]
+
+    def as_float(rows):
+        return tuple(tuple(float(v) for v in row) for row in rows)
+
+    return as_float(bt), as_float(g), as_float(at)
 
 
 def _combine(coefficients, terms):
@@ -341,53 +396,120 @@ def _combine(coefficients, terms):
     return total
 
 
-def _winograd_conv(x, w, pads):
-    """A 3x3, stride-1 convolution in Winograd's F(2x2, 3x3) form.
+def _winograd_tiles(xp, mat, m, th, tw):
+    """``T[a][b] = sum_{u,v} mat[a][u] mat[b][v] xp[:, m i + u, m j + v]`` per tile (i, j).
 
-    The output is cut into 2x2 tiles; tile (t, s) reads the 4x4 input tile at
-    rows 2t.., columns 2s.. of the padded input. With ``V = B^T d B`` per input
-    tile and channel, ``U = G w G^T`` per filter, the 16 entries ``(a, b)`` of a
-    tile are independent: ``M_ab = V_ab U_ab`` is one matrix product
-    ``(N T_h T_w, C_in) x (C_in, K)`` per entry, 16 products of 4/9 of the
-    direct method's multiply-adds in all, and ``Y = A^T M A`` gives the 2x2
-    outputs. Every transform is a sum of strided slices scaled by 0, +-1 or
-    +-1/2 (XLA fuses each into one loop); the 16 products stay separate arrays
-    (stacking them for one batched product was slower on XLA:CPU).
-    Differentiated, it is its own exact transpose: dL/dW comes from 16 products
-    ``V_ab^T (dL/dM_ab)``, dL/dx from ``(dL/dM_ab) U_ab^T``, again 4/9 of the work.
-    The float32 error stays within a small factor of the direct sum's (the
-    transforms only add and halve); narrower floats are computed in float32.
-    A NaN or infinite input makes the same outputs non-finite as the direct
-    sum, but as NaN where the direct sum gives +-inf (the transforms subtract
-    it from itself).
+    ``mat`` has one coefficient row per transformed entry, over the offsets in a
+    tile; with B^T it is Winograd's input transform ``B^T d B``, with the
+    transposed A^T the transpose of its output transform. Rows first: each
+    entry is a sum of strided slices, which XLA fuses into one loop.
+    """
+    span = len(mat[0])
+    rows = [lax.slice_in_dim(xp, u, u + m * (th - 1) + 1, m, axis=1) for u in range(span)]
+    out = []
+    for row in mat:
+        row_a = _combine(row, rows)  # (N, T_h, W_p, C)
+        cols = [lax.slice_in_dim(row_a, v, v + m * (tw - 1) + 1, m, axis=2) for v in range(span)]
+        out.append([_combine(col, cols) for col in mat])
+    return out
+
+
+def _winograd_setup(x_hw, r, pads):
+    m = _WINOGRAD_TILE[r]
+    ho, wo = conv_output_hw(x_hw, (r, r), 1, pads, exact=False)
+    return m, ho, wo, -(-ho // m), -(-wo // m)
+
+
+def _winograd_input(x, r, pads, acc):
+    """The padded input, completed with zero rows/columns to whole tiles."""
+    m, _, _, th, tw = _winograd_setup(x.shape[1:3], r, pads)
+    (top, _), (left, _) = pads
+    h, wd = x.shape[1:3]
+    return lax.pad(x.astype(acc), jnp.zeros((), acc),
+                   ((0, 0, 0), (top, m * th + r - 1 - h - top, 0),
+                    (left, m * tw + r - 1 - wd - left, 0), (0, 0, 0)))
+
+
+def _winograd_conv(x, w, pads, flipped=False):
+    """An r x r (3x3 or 5x5), stride-1 convolution in Winograd's F(m x m, r x r) form.
+
+    The output is cut into m x m tiles (m from ``_WINOGRAD_TILE``); tile (i, j)
+    reads the input tile of t = m + r - 1 cells square at rows m i.., columns
+    m j.. of the padded input. With ``V = B^T d B`` per input tile and channel,
+    ``U = G w G^T`` per filter, the t^2 entries ``(a, b)`` of a tile are
+    independent: ``M_ab = V_ab U_ab`` is one matrix product ``(N T_h T_w, C_in)
+    x (C_in, K)`` per entry (F(2x2, 3x3): 16 products of 4/9 of the direct
+    method's multiply-adds in all; F(2x2, 5x5): 36 of 9/25), and ``Y = A^T M A``
+    gives the m x m outputs. Every transform is a sum of strided slices scaled
+    by small constants (XLA fuses each into one loop); the products stay
+    separate arrays (stacking them for one batched product was slower on
+    XLA:CPU). The float32 error stays within a small factor of the direct
+    sum's (F(2x2, 3x3): about 1x, F(2x2, 5x5): about 10x, both near 1e-6 of the
+    largest output); narrower floats are computed in float32. A NaN or infinite
+    input makes the same outputs non-finite as the direct sum, but as NaN where
+    the direct sum gives +-inf (the transforms subtract it from itself). The
+    gradients are :func:`_winograd_grads`.
     """
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
-    xa, wa = x.astype(acc), w.astype(acc)
-    n, h, wd, c = x.shape
-    k = w.shape[3]
-    (top, bottom), (left, right) = pads
-    ho, wo = conv_output_hw((h, wd), (3, 3), 1, pads, exact=False)
-    th, tw = -(-ho // 2), -(-wo // 2)
-    # Extra zero rows/columns complete the last tile (its extra outputs are cut off).
-    xp = lax.pad(xa, jnp.zeros((), acc), ((0, 0, 0), (top, 2 * th + 2 - h - top, 0),
-                                         (left, 2 * tw + 2 - wd - left, 0), (0, 0, 0)))
-    rows = [lax.slice_in_dim(xp, u, u + 2 * th - 1, 2, axis=1) for u in range(4)]
-    w_rows = [wa[i] for i in range(3)]
-    g_rows = [_combine(gi, w_rows) for gi in _WINOGRAD_G]  # (3, C, K): G w
-    m = [[None] * 4 for _ in range(4)]
-    for a in range(4):
-        row_a = _combine(_WINOGRAD_BT[a], rows)  # (N, T_h, W_p, C): B^T d
-        cols = [lax.slice_in_dim(row_a, v, v + 2 * tw - 1, 2, axis=2) for v in range(4)]
-        for b in range(4):
-            v_ab = _combine(_WINOGRAD_BT[b], cols).reshape(-1, c)
-            u_ab = _combine(_WINOGRAD_G[b], [g_rows[a][j] for j in range(3)])
-            m[a][b] = jnp.dot(v_ab, u_ab, preferred_element_type=acc).reshape(n, th, tw, k)
+    n, _, _, c = x.shape
+    r, k = w.shape[0], w.shape[2 if flipped else 3]
+    m, ho, wo, th, tw = _winograd_setup(x.shape[1:3], r, pads)
+    t = m + r - 1
+    bt, gm, at = _winograd_matrices(m, r)
+    v = _winograd_tiles(_winograd_input(x, r, pads, acc), bt, m, th, tw)
+    wa = w.astype(acc)
+    if flipped:  # the filter w[::-1, ::-1] with C and K swapped, without forming it
+        gm = tuple(row[::-1] for row in gm)
+    g_rows = [_combine(gi, [wa[i] for i in range(r)]) for gi in gm]  # (t, r, ., .): G w
+    contract = (((1,), (1,)) if flipped else ((1,), (0,)), ((), ()))
+    prods = [[None] * t for _ in range(t)]
+    for a in range(t):
+        for b in range(t):
+            u_ab = _combine(gm[b], [g_rows[a][j] for j in range(r)])
+            prods[a][b] = lax.dot_general(v[a][b].reshape(-1, c), u_ab, contract,
+                                          preferred_element_type=acc).reshape(n, th, tw, k)
     tiles = []
-    for i in range(2):
-        rows_i = [_combine(_WINOGRAD_AT[i], [m[a][b] for a in range(4)]) for b in range(4)]
-        tiles.append(jnp.stack([_combine(_WINOGRAD_AT[j], rows_i) for j in range(2)], axis=3))
-    y = jnp.stack(tiles, axis=2).reshape(n, 2 * th, 2 * tw, k)  # (N, T_h, i, T_w, j, K)
+    for i in range(m):
+        rows_i = [_combine(at[i], [prods[a][b] for a in range(t)]) for b in range(t)]
+        tiles.append(jnp.stack([_combine(at[j], rows_i) for j in range(m)], axis=3))
+    y = jnp.stack(tiles, axis=2).reshape(n, m * th, m * tw, k)  # (N, T_h, i, T_w, j, K)
     return y[:, :ho, :wo].astype(x.dtype)
+
+
+def _winograd_grads(x, w, g, pads):
+    """(dL/dx, dL/dw) of :func:`_winograd_conv`, both in Winograd's form again.
+
+    dL/dx is the stride-1 correlation of g with the flipped, in/out-swapped
+    filter (this module's docstring), itself a Winograd convolution of the same
+    filter size. dL/dw: with ``dM = A g A^T`` per output tile (the transpose of
+    the output transform, zero where the last tile overhangs the output),
+    ``dU_ab = V_ab^T dM_ab`` is one ``(C_in, N T_h T_w) x (N T_h T_w, K)``
+    product per entry and ``dL/dw = G^T dU G``. Taken this way, rather than by
+    differentiating the form, every transform is again a fused sum of strided
+    slices: autodiff's transposes of them (interior-padded copies of the input
+    added up) took more time than the products (NOTES.md, attempt 59).
+    Padding wider than the filter (a negative pad for dL/dx) takes the
+    derivative of the form instead.
+    """
+    r = w.shape[0]
+    if any(lo > r - 1 or hi > r - 1 for lo, hi in pads):
+        return jax.vjp(lambda x, w: _winograd_conv(x, w, pads), x, w)[1](g)
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    c, k = w.shape[2], w.shape[3]
+    m, ho, wo, th, tw = _winograd_setup(x.shape[1:3], r, pads)
+    t = m + r - 1
+    bt, gm, at = _winograd_matrices(m, r)
+    dx = _winograd_conv(g, w, tuple((r - 1 - lo, r - 1 - hi) for lo, hi in pads), flipped=True)
+    v = _winograd_tiles(_winograd_input(x, r, pads, acc), bt, m, th, tw)
+    gp = lax.pad(g.astype(acc), jnp.zeros((), acc),
+                 ((0, 0, 0), (0, m * th - ho, 0), (0, m * tw - wo, 0), (0, 0, 0)))
+    dm = _winograd_tiles(gp, tuple(zip(*at, strict=True)), m, th, tw)
+    du = [[_tn_dot(v[a][b].reshape(-1, c), dm[a][b].reshape(-1, k), acc) for b in range(t)]
+          for a in range(t)]  # (C, K) each
+    g_cols = tuple(zip(*gm, strict=True))  # G^T, (r, t)
+    rows = [[_combine(gi, [du[a][b] for a in range(t)]) for b in range(t)] for gi in g_cols]
+    dw = jnp.stack([jnp.stack([_combine(gj, row) for gj in g_cols]) for row in rows])
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 def _forward(x, w, stride, pads, dilation, impl):
@@ -743,8 +865,7 @@ def _conv_fwd(x, w, stride, pads, dilation, impl, dgrad_impl, wgrad_impl):
 def _conv_bwd(stride, pads, dilation, impl, dgrad_impl, wgrad_impl, residuals, g):
     x, w = residuals
     if impl == "winograd":
-        # The transpose of the Winograd form (its forward products are dead code).
-        dx, dw = jax.vjp(lambda x, w: _winograd_conv(x, w, pads), x, w)[1](g)
+        dx, dw = _winograd_grads(x, w, g, pads)
         return dx.astype(x.dtype), dw.astype(w.dtype)
     dx = _input_grad(g, w, x.shape[1:3], stride, pads, dilation, impl, dgrad_impl)
     dw = _weight_grad(x, g, w.shape, stride, pads, dilation,
@@ -790,11 +911,11 @@ def conv2d(
         filters with a small patch width; see ``DIRECT_PATCH_WIDTH_BY_BACKEND``) or
         "per_image" (XLA's convolution per cache-sized batch chunk; "auto" picks it
         for strided filters over few channels, ``STRIDED_INPUT_CHANNELS_BY_BACKEND``)
-        or "winograd" (Winograd's F(2x2, 3x3), forward and backward: 3x3 filters at
-        stride 1 and dilation 1 only; its backward is the transpose of the form, so
-        ``input_grad_impl`` and ``weight_grad_impl`` do not apply; "auto" picks it
-        for many float32 input channels, ``WINOGRAD_MIN_CHANNELS_BY_BACKEND``, when
-        both of those are "auto").
+        or "winograd" (Winograd's F(2x2, 3x3) or F(2x2, 5x5), forward and backward:
+        3x3 and 5x5 filters at stride 1 and dilation 1 only; its backward is in the
+        same form, so ``input_grad_impl`` and ``weight_grad_impl`` do not apply;
+        "auto" picks it for many float32 input channels,
+        ``WINOGRAD_MIN_CHANNELS_BY_BACKEND``, when both of those are "auto").
       input_grad_impl: "auto", "xla" (a forward convolution of the stride-dilated g with
         the flipped filter), "per_image" (the same per cache-sized batch chunk, when two
         or more images fit in one) or "col2im" (g W^T added back where each patch was
@@ -861,8 +982,8 @@ def conv2d(
             input_grad_impl, weight_grad_impl) == ("auto", "auto"))) != "xla":
         if forward == "winograd" and not _winograd_fits(kernel.shape, s, d):
             raise ValueError(
-                f"conv2d: forward_impl='winograd' needs a 3x3 filter at stride 1 and dilation "
-                f"1, got a {fhw[0]}x{fhw[1]} filter, stride {s}, dilation {d}; use "
+                f"conv2d: forward_impl='winograd' needs a 3x3 or 5x5 filter at stride 1 and "
+                f"dilation 1, got a {fhw[0]}x{fhw[1]} filter, stride {s}, dilation {d}; use "
                 "forward_impl='auto' or 'xla'.")
         impl = forward
     else:
