@@ -317,6 +317,31 @@ def test_winograd_5x5_matches_numpy_loop_and_lax_vjp(x64, x_shape, padding):
 
 
 @pytest.mark.parametrize("r", [3, 5])
+def test_winograd_large_batches_run_in_chunks_with_the_same_result(x64, monkeypatch, r):
+    # A budget of about two images' tiles: a batch of 5 runs as chunks of 2, 2 and 1,
+    # forward and backward, and gives what the whole batch gives.
+    rng = np.random.default_rng(30)
+    x = jnp.asarray(rng.standard_normal((5, 7, 6, 3)))
+    w = jnp.asarray(rng.standard_normal((r, r, 3, 4)))
+    pads = ((r // 2, r // 2), (r // 2, r // 2))
+    # Per image: (m + r - 1)^2 entries of 4 x 3 tiles of 2x2 outputs, 3 + 4 channels, float64.
+    per_image = (r + 1) ** 2 * 4 * 3 * (3 + 4) * 8
+    monkeypatch.setattr(conv_module, "_WINOGRAD_CHUNK_BYTES", 2 * per_image)
+    assert conv_module._winograd_chunk(x.shape, r, pads, 3, 4, 8) == 2
+    f = functools.partial(conv2d, padding=r // 2, forward_impl="winograd")
+    y, vjp = jax.vjp(f, x, w)
+    ref, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w, 1, r // 2, 1), x, w)
+    np.testing.assert_allclose(y, ref, rtol=1e-11, atol=1e-11)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+    # Three chunks forward (t^2 products each), three for dL/dx and three for dL/dw.
+    t2 = (2 + r - 1) ** 2
+    jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](g))(x, w))
+    assert jaxpr.count("dot_general") == 9 * t2
+
+
+@pytest.mark.parametrize("r", [3, 5])
 def test_winograd_check_grads_order2(x64, r):
     rng = np.random.default_rng(23)
     x = jnp.asarray(rng.standard_normal((1, r + 2, r + 3, 2)))

@@ -430,6 +430,20 @@ def _winograd_input(x, r, pads, acc):
                     (left, m * tw + r - 1 - wd - left, 0), (0, 0, 0)))
 
 
+# The transformed tiles of a Winograd convolution (t^2 / m^2 times the input and
+# the output: 4x for F(2x2, 3x3), 9x for F(2x2, 5x5)) are held for at most this
+# many bytes at once: a larger batch runs in chunks of images (chunks measured
+# as fast as the whole batch; NOTES.md, attempt 59).
+_WINOGRAD_CHUNK_BYTES = 256 * 2**20
+
+
+def _winograd_chunk(x_shape, r, pads, c, k, itemsize=4):
+    """Images per chunk that keep the transformed tiles within _WINOGRAD_CHUNK_BYTES."""
+    m, _, _, th, tw = _winograd_setup(x_shape[1:3], r, pads)
+    per_image = (m + r - 1) ** 2 * th * tw * (c + k) * max(itemsize, 4)
+    return max(1, _WINOGRAD_CHUNK_BYTES // per_image)
+
+
 def _winograd_conv(x, w, pads, flipped=False):
     """An r x r (3x3 or 5x5), stride-1 convolution in Winograd's F(m x m, r x r) form.
 
@@ -453,6 +467,10 @@ def _winograd_conv(x, w, pads, flipped=False):
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
     n, _, _, c = x.shape
     r, k = w.shape[0], w.shape[2 if flipped else 3]
+    size = _winograd_chunk(x.shape, r, pads, c, k, jnp.dtype(acc).itemsize)
+    if size < n:
+        return jnp.concatenate([_winograd_conv(x[i : i + size], w, pads, flipped)
+                                for i in range(0, n, size)])
     m, ho, wo, th, tw = _winograd_setup(x.shape[1:3], r, pads)
     t = m + r - 1
     bt, gm, at = _winograd_matrices(m, r)
@@ -495,11 +513,22 @@ def _winograd_grads(x, w, g, pads):
     if any(lo > r - 1 or hi > r - 1 for lo, hi in pads):
         return jax.vjp(lambda x, w: _winograd_conv(x, w, pads), x, w)[1](g)
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
-    c, k = w.shape[2], w.shape[3]
+    dx = _winograd_conv(g, w, tuple((r - 1 - lo, r - 1 - hi) for lo, hi in pads), flipped=True)
+    n, c, k = x.shape[0], w.shape[2], w.shape[3]
+    size = _winograd_chunk(x.shape, r, pads, c, k, jnp.dtype(acc).itemsize)
+    dw = None
+    for i in range(0, n, size):
+        term = _winograd_weight_grad(x[i : i + size], g[i : i + size], w.shape, pads, acc)
+        dw = term if dw is None else dw + term
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+def _winograd_weight_grad(x, g, w_shape, pads, acc):
+    """dL/dw = G^T dU G with dU_ab = V_ab^T dM_ab (see _winograd_grads)."""
+    r, _, c, k = w_shape
     m, ho, wo, th, tw = _winograd_setup(x.shape[1:3], r, pads)
     t = m + r - 1
     bt, gm, at = _winograd_matrices(m, r)
-    dx = _winograd_conv(g, w, tuple((r - 1 - lo, r - 1 - hi) for lo, hi in pads), flipped=True)
     v = _winograd_tiles(_winograd_input(x, r, pads, acc), bt, m, th, tw)
     gp = lax.pad(g.astype(acc), jnp.zeros((), acc),
                  ((0, 0, 0), (0, m * th - ho, 0), (0, m * tw - wo, 0), (0, 0, 0)))
@@ -508,8 +537,7 @@ def _winograd_grads(x, w, g, pads):
           for a in range(t)]  # (C, K) each
     g_cols = tuple(zip(*gm, strict=True))  # G^T, (r, t)
     rows = [[_combine(gi, [du[a][b] for a in range(t)]) for b in range(t)] for gi in g_cols]
-    dw = jnp.stack([jnp.stack([_combine(gj, row) for gj in g_cols]) for row in rows])
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return jnp.stack([jnp.stack([_combine(gj, row) for gj in g_cols]) for row in rows])
 
 
 def _forward(x, w, stride, pads, dilation, impl):
