@@ -457,12 +457,15 @@ def _winograd_conv(x, w, pads, flipped=False):
     gives the m x m outputs. Every transform is a sum of strided slices scaled
     by small constants (XLA fuses each into one loop); the products stay
     separate arrays (stacking them for one batched product was slower on
-    XLA:CPU). The float32 error stays within a small factor of the direct
-    sum's (F(2x2, 3x3): about 1x, F(2x2, 5x5): about 10x, both near 1e-6 of the
-    largest output); narrower floats are computed in float32. A NaN or infinite
-    input makes the same outputs non-finite as the direct sum, but as NaN where
-    the direct sum gives +-inf (the transforms subtract it from itself). The
-    gradients are :func:`_winograd_grads`.
+    XLA:CPU). The float32 error stays within a small factor of XLA's
+    convolution's (F(2x2, 3x3): about 1x; F(2x2, 5x5): 2-3x for the output and
+    dL/dx, up to 10x for dL/dw; a few 1e-6 of the largest value or less);
+    narrower floats are computed in float32. A NaN or infinite input makes the
+    same outputs non-finite as the direct sum, but as NaN where the direct sum
+    gives +-inf (the transforms subtract it from itself). With ``flipped`` the
+    filter is ``w[::-1, ::-1]`` with its two channel axes swapped (dL/dx's
+    filter), taken from ``w`` without forming it. The gradients are
+    :func:`_winograd_grads`.
     """
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
     n, _, _, c = x.shape
