@@ -321,12 +321,17 @@ def _forward_per_image(x, w, stride, pads, dilation):
     return _native_conv_in_chunks(x, w, size, stride, pads, dilation)
 
 
+def _in_batch_chunks(f, x, size):
+    """f(x) for a per-image f, computed on batch chunks of ``size`` images, concatenated."""
+    if size >= x.shape[0]:
+        return f(x)
+    return jnp.concatenate([f(x[i : i + size]) for i in range(0, x.shape[0], size)])
+
+
 def _native_conv_in_chunks(x, w, size, stride, pads, dilation, lhs_dilation=(1, 1)):
     """XLA's convolution of x in batch chunks of ``size`` images, concatenated."""
-    if size >= x.shape[0]:
-        return _native_conv(x, w, stride, pads, dilation, lhs_dilation)
-    return jnp.concatenate([_native_conv(x[i : i + size], w, stride, pads, dilation,
-                                         lhs_dilation) for i in range(0, x.shape[0], size)])
+    return _in_batch_chunks(
+        lambda chunk: _native_conv(chunk, w, stride, pads, dilation, lhs_dilation), x, size)
 
 
 # Winograd's minimal filtering F(m, r) (Lavin & Gray, "Fast Algorithms for
@@ -420,9 +425,8 @@ def _winograd_setup(x_hw, r, pads):
     return m, ho, wo, -(-ho // m), -(-wo // m)
 
 
-def _winograd_input(x, r, pads, acc):
-    """The padded input, completed with zero rows/columns to whole tiles."""
-    m, _, _, th, tw = _winograd_setup(x.shape[1:3], r, pads)
+def _winograd_input(x, r, pads, acc, m, th, tw):
+    """The padded input, completed with zero rows/columns to T_h x T_w whole tiles."""
     (top, _), (left, _) = pads
     h, wd = x.shape[1:3]
     return lax.pad(x.astype(acc), jnp.zeros((), acc),
@@ -472,12 +476,11 @@ def _winograd_conv(x, w, pads, flipped=False):
     r, k = w.shape[0], w.shape[2 if flipped else 3]
     size = _winograd_chunk(x.shape, r, pads, c, k, jnp.dtype(acc).itemsize)
     if size < n:
-        return jnp.concatenate([_winograd_conv(x[i : i + size], w, pads, flipped)
-                                for i in range(0, n, size)])
+        return _in_batch_chunks(lambda chunk: _winograd_conv(chunk, w, pads, flipped), x, size)
     m, ho, wo, th, tw = _winograd_setup(x.shape[1:3], r, pads)
     t = m + r - 1
     bt, gm, at = _winograd_matrices(m, r)
-    v = _winograd_tiles(_winograd_input(x, r, pads, acc), bt, m, th, tw)
+    v = _winograd_tiles(_winograd_input(x, r, pads, acc, m, th, tw), bt, m, th, tw)
     wa = w.astype(acc)
     if flipped:  # the filter w[::-1, ::-1] with C and K swapped, without forming it
         gm = tuple(row[::-1] for row in gm)
@@ -532,7 +535,7 @@ def _winograd_weight_grad(x, g, w_shape, pads, acc):
     m, ho, wo, th, tw = _winograd_setup(x.shape[1:3], r, pads)
     t = m + r - 1
     bt, gm, at = _winograd_matrices(m, r)
-    v = _winograd_tiles(_winograd_input(x, r, pads, acc), bt, m, th, tw)
+    v = _winograd_tiles(_winograd_input(x, r, pads, acc, m, th, tw), bt, m, th, tw)
     gp = lax.pad(g.astype(acc), jnp.zeros((), acc),
                  ((0, 0, 0), (0, m * th - ho, 0), (0, m * tw - wo, 0), (0, 0, 0)))
     dm = _winograd_tiles(gp, tuple(zip(*at, strict=True)), m, th, tw)
@@ -896,8 +899,7 @@ def _conv_fwd(x, w, stride, pads, dilation, impl, dgrad_impl, wgrad_impl):
 def _conv_bwd(stride, pads, dilation, impl, dgrad_impl, wgrad_impl, residuals, g):
     x, w = residuals
     if impl == "winograd":
-        dx, dw = _winograd_grads(x, w, g, pads)
-        return dx.astype(x.dtype), dw.astype(w.dtype)
+        return _winograd_grads(x, w, g, pads)  # in x's and w's dtypes
     dx = _input_grad(g, w, x.shape[1:3], stride, pads, dilation, impl, dgrad_impl)
     dw = _weight_grad(x, g, w.shape, stride, pads, dilation,
                       "dense" if impl == "dense" else wgrad_impl)
