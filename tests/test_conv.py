@@ -637,6 +637,29 @@ def test_per_image_weight_grad_in_row_blocks(x64, monkeypatch, stride, padding, 
     assert len(blocks) > 1 and blocks[0][0] == 0 and blocks[-1][1] == g.shape[1]
 
 
+@pytest.mark.parametrize("stride,dilation", [((1, 1), (1, 1)), ((2, 1), (1, 2)), ((3, 2), (2, 1))])
+def test_patch_rows_against_numpy_loop(stride, dilation):
+    # Row (a, b, c) of the stacked weight gradient's patches is channel c of the
+    # window at filter offset (a, b); built from F_h + F_w slices, not F_h F_w.
+    rng = np.random.default_rng(5)
+    xp = rng.standard_normal((2, 11, 10, 3)).astype(np.float32)
+    fh, fw = 3, 2
+    ho = (11 - dilation[0] * (fh - 1) - 1) // stride[0] + 1
+    wo = (10 - dilation[1] * (fw - 1) - 1) // stride[1] + 1
+    rows = conv_module._patch_rows(jnp.asarray(xp), (ho, wo), (fh, fw), stride, dilation)
+    ref = np.zeros((fh, fw, 3, 2, ho, wo), np.float32)
+    for a in range(fh):
+        for b in range(fw):
+            for i in range(ho):
+                for j in range(wo):
+                    ref[a, b, :, :, i, j] = xp[:, i * stride[0] + a * dilation[0],
+                                               j * stride[1] + b * dilation[1], :].T
+    np.testing.assert_array_equal(np.asarray(rows), ref)
+    jaxpr = str(jax.make_jaxpr(lambda x: conv_module._patch_rows(
+        x, (ho, wo), (fh, fw), stride, dilation))(jnp.asarray(xp)))
+    assert jaxpr.count(" slice[") == fh + fw
+
+
 def test_stacked_weight_grad_in_batch_chunks(x64, monkeypatch):
     # A one-byte budget makes every image its own chunk; the chunk sums must add up.
     monkeypatch.setattr(conv_module, "_STACKED_CHUNK_BYTES", 1)
