@@ -173,7 +173,7 @@ def _build(model_name: str, batch: int, dtype: str, seed: int):
     from cnnjax.train import optim
     from cnnjax.train.config import default_config
     from cnnjax.train.loop import DTYPES, build_model, compiler_options
-    from cnnjax.train.state import create_state
+    from cnnjax.train.state import count_params, create_state
     from cnnjax.train.steps import Steps
 
     if dtype not in DTYPES:
@@ -207,9 +207,13 @@ def _build(model_name: str, batch: int, dtype: str, seed: int):
                   preprocess=augment.preprocess, augment_config=config.augment,
                   mean=[0.5] * channels, std=[0.25] * channels)
     rng = jax.random.PRNGKey(seed)
-    state = jax.jit(lambda key: create_state(model, tx, key, image_shape),
-                    out_shardings=mesh_lib.replicated(mesh)).lower(rng).compile(
-        compiler_options(config, run_once=True))(rng)
+
+    def init(key):
+        return create_state(model, tx, key, image_shape)
+
+    lowered = jax.jit(init, out_shardings=mesh_lib.replicated(mesh)).lower(rng)
+    state = lowered.compile(compiler_options(
+        config, run_once=True, num_params=count_params(lowered.out_info.params)))(rng)
     local = batch // jax.process_count()
     np_rng = np.random.default_rng(seed)
     host_batch = {

@@ -230,6 +230,32 @@ def test_cpu_compiler_options_drop_the_copies_of_donated_parameters():
     assert compiler_options(config) == {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
+def test_cpu_init_compiler_options_change_speed_not_values():
+    # The run-once init program: small models compile fast, large ones run fast;
+    # the parameters drawn are the same bits under every option set.
+    from cnnjax.models import LeNet5
+    from cnnjax.train.loop import OPTIMIZED_INIT_PARAMS, compiler_options
+    from cnnjax.train.state import create_state
+
+    config = default_config()
+    small = compiler_options(config, run_once=True, num_params=61_706)
+    large = compiler_options(config, run_once=True, num_params=OPTIMIZED_INIT_PARAMS)
+    assert small["xla_backend_optimization_level"] == 0
+    assert small["xla_cpu_use_fusion_emitters"] is False
+    assert large["xla_backend_optimization_level"] == 1
+    assert "xla_cpu_use_fusion_emitters" not in large
+    for options in (small, large):
+        assert options["xla_cpu_copy_insertion_use_region_analysis"] is True
+    model = LeNet5()
+    tx = optim.make_optimizer(config, optim.make_schedule(config, 10, 100))
+    rng = jax.random.PRNGKey(7)
+    lowered = jax.jit(lambda key: create_state(model, tx, key, (32, 32, 1))).lower(rng)
+    states = [lowered.compile(options)(rng) for options in (small, large, None)]
+    for state in states[:2]:
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(states[2]), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_metric_writer_remote_path_rewrites_and_discards(tmp_path):
     # The gs:// code path (whole-file rewrites through etils.epath), on a local directory.
     from cnnjax.train.metrics import MetricWriter

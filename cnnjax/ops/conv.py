@@ -848,7 +848,8 @@ def _patch_rows(xp, out_hw, f_hw, stride, dilation):
         for a in range(fh)])  # (F_h, C, N, H_out, W)
     return jnp.stack([
         lax.slice(shifted_rows, (0, 0, 0, 0, b * dilation[1]),
-                  (fh, c, n, ho, b * dilation[1] + (wo - 1) * stride[1] + 1), (1, 1, 1, 1, stride[1]))
+                  (fh, c, n, ho, b * dilation[1] + (wo - 1) * stride[1] + 1),
+                  (1, 1, 1, 1, stride[1]))
         for b in range(fw)], axis=1)
 
 

@@ -175,8 +175,13 @@ def _resolve_workdir(workdir: str, *, create: bool) -> str:
     return workdir
 
 
-def compiler_options(config: ml_collections.ConfigDict, *,
-                     run_once: bool = False) -> dict[str, Any] | None:
+# A run-once program (the parameter init) drawing at least this many parameters is
+# compiled at LLVM level 1; smaller ones at level 0 with XLA's loop emitters.
+OPTIMIZED_INIT_PARAMS = 2**24
+
+
+def compiler_options(config: ml_collections.ConfigDict, *, run_once: bool = False,
+                     num_params: int = 0) -> dict[str, Any] | None:
     """XLA options for the CPU; GPUs and TPUs are left alone.
 
     Copy insertion with region analysis: without it XLA:CPU copies every large
@@ -186,17 +191,25 @@ def compiler_options(config: ml_collections.ConfigDict, *,
 
     ``config.fast_cpu_compile`` (default on): on a laptop CPU compiling
     dominates a short run. LLVM's expensive passes cost ~30% of a LeNet-5
-    train step's compile and nothing measurable in its run time; a program run
-    once (the parameter init) is compiled without backend optimization at all
-    (~10x faster to compile: 5 s -> 0.5 s here).
+    train step's compile and nothing measurable in its run time. A program run
+    once (``run_once``: the parameter init, drawing ``num_params`` random
+    values) trades its compile against its one run: below
+    ``OPTIMIZED_INIT_PARAMS`` it is compiled without backend optimization and
+    with XLA's older loop emitters (LeNet-5: 0.33 -> 0.17 s, run < 5 ms),
+    above at LLVM level 1, whose code draws the values ~3x faster (VGG-16's
+    138 M: compile + run 0.8 + 4.5 -> 1.0 + 1.3 s; NOTES.md, attempt 62). The
+    values drawn are the same bits under every option.
     """
     if jax.default_backend() != "cpu":
         return None
     options: dict[str, Any] = {"xla_cpu_copy_insertion_use_region_analysis": True}
     if config.get("fast_cpu_compile", True):
         options["xla_llvm_disable_expensive_passes"] = True
-        if run_once:
+        if run_once and num_params >= OPTIMIZED_INIT_PARAMS:
+            options["xla_backend_optimization_level"] = 1
+        elif run_once:
             options["xla_backend_optimization_level"] = 0
+            options["xla_cpu_use_fusion_emitters"] = False
     return options
 
 
@@ -568,7 +581,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                process_count=jax.process_count())
         else:
             state = jax.jit(init, out_shardings=replicated).lower(rng).compile(
-                compiler_options(config, run_once=True))(rng)
+                compiler_options(config, run_once=True,
+                                 num_params=count_params(abstract_state.params)))(rng)
             step = 0
             if config.get("weights", ""):
                 state = _load_weights(config.weights, model, state, replicated)
