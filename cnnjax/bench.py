@@ -165,8 +165,14 @@ def _device_text() -> str:
     return f"{jax.device_count()}x {dev.device_kind} ({dev.platform})"
 
 
-def _build(model_name: str, batch: int, dtype: str, seed: int):
-    """The trainer's Steps for this model, a state on the mesh and one synthetic batch."""
+def _build(model_name: str, batch: int, dtype: str, seed: int, *,
+           compile_train_step: bool = False):
+    """The trainer's Steps for this model, a state on the mesh and one synthetic batch.
+
+    ``compile_train_step``: compile the train step in a background thread while the
+    parameters initialize, as ``cnnjax train`` starts (``steps.train_step`` is then
+    the compiled executable).
+    """
     from cnnjax import models
     from cnnjax.data import augment
     from cnnjax.train import mesh as mesh_lib
@@ -207,13 +213,6 @@ def _build(model_name: str, batch: int, dtype: str, seed: int):
                   preprocess=augment.preprocess, augment_config=config.augment,
                   mean=[0.5] * channels, std=[0.25] * channels)
     rng = jax.random.PRNGKey(seed)
-
-    def init(key):
-        return create_state(model, tx, key, image_shape)
-
-    lowered = jax.jit(init, out_shardings=mesh_lib.replicated(mesh)).lower(rng)
-    state = lowered.compile(compiler_options(
-        config, run_once=True, num_params=count_params(lowered.out_info.params)))(rng)
     local = batch // jax.process_count()
     np_rng = np.random.default_rng(seed)
     host_batch = {
@@ -221,6 +220,19 @@ def _build(model_name: str, batch: int, dtype: str, seed: int):
         "label": np_rng.integers(0, num_classes, (local,), dtype=np.int32),
         "mask": np.ones((local,), bool),
     }
+
+    def init(key):
+        return create_state(model, tx, key, image_shape)
+
+    lowered = jax.jit(init, out_shardings=mesh_lib.replicated(mesh)).lower(rng)
+    wait_for_compile = None
+    if compile_train_step:
+        wait_for_compile = steps.compile_in_background(lowered.out_info, host_batch,
+                                                       None, compiler_options(config))
+    state = lowered.compile(compiler_options(
+        config, run_once=True, num_params=count_params(lowered.out_info.params)))(rng)
+    if wait_for_compile is not None:
+        wait_for_compile()
     device_batch = mesh_lib.global_batch(mesh, host_batch)
     return model, steps, state, device_batch, compiler_options(config), num_classes
 

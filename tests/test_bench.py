@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import jax
+import numpy as np
 import pytest
 
 from cnnjax import bench, cli, models
@@ -190,8 +192,71 @@ def test_the_cnnjax_program_tunes_malloc_and_main_does_not(monkeypatch):
     assert script.value == "cnnjax.cli:console_main"
     calls = []
     monkeypatch.setattr(cli, "tune_malloc", lambda: calls.append("tune"))
+    monkeypatch.setattr(cli, "tune_gc", lambda: calls.append("gc"))
     monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 0)
-    assert cli.console_main() == 0 and calls == ["tune", "main"]
+    assert cli.console_main() == 0 and calls == ["tune", "gc", "main"]
+
+
+@pytest.mark.parametrize("env_value", [None, "0"])
+def test_tune_gc_freezes_the_loaded_objects_now_and_at_exit(env_value):
+    # In a new process: the objects alive after the imports leave the collector's
+    # reach, a full collection then walks only what came later, and the exit hook
+    # freezes again; CNNJAX_TUNE_GC=0 leaves the collector alone.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("CNNJAX_TUNE_GC", None)
+    if env_value is not None:
+        env["CNNJAX_TUNE_GC"] = env_value
+    code = """
+import atexit, gc
+import cnnjax.cli
+def report():
+    print(loaded, frozen, walked, gc.get_freeze_count(), flush=True)
+atexit.register(report)  # registered first, so it runs after tune_gc's exit hook
+loaded = len(gc.get_objects())
+cnnjax.cli.tune_gc()
+frozen = gc.get_freeze_count()
+kept = [[i] for i in range(1000)]
+walked = len(gc.get_objects())
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    loaded, frozen, walked, at_exit = map(int, out)
+    assert loaded > 50_000  # JAX and Flax are loaded with the package
+    if env_value is None:
+        # (a few frozen objects are freed before exit)
+        assert frozen >= loaded and walked < 5_000 and at_exit > frozen + 900
+    else:
+        assert frozen == 0 and walked > loaded and at_exit == 0
+
+
+def test_train_step_compiled_in_the_background_is_the_same_step():
+    # As cnnjax train starts: the step compiles in a thread while the parameters
+    # initialize; the executable gives bit-for-bit the step compiled afterwards.
+    _, steps, state, batch, options, _ = bench._build("lenet5", 8, "float32", 0)
+    reference = steps.train_step.lower(state, batch).compile(options)
+    _, early, state2, batch2, _, _ = bench._build("lenet5", 8, "float32", 0,
+                                                  compile_train_step=True)
+    assert isinstance(early.train_step, jax.stages.Compiled)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    (new, metrics), (new2, metrics2) = reference(state, batch), early.train_step(state2, batch2)
+    for a, b in zip(jax.tree.leaves((new, metrics)), jax.tree.leaves((new2, metrics2)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_background_compile_reraises_its_error_in_the_caller():
+    _, steps, state, _, _, _ = bench._build("lenet5", 8, "float32", 0)
+    wrong = {"image": np.zeros((8, 28, 28, 1), np.uint8), "label": np.zeros((8,), np.int32),
+             "mask": np.ones((8,), bool)}  # LeNet-5 takes 32x32 images
+    wait = steps.compile_in_background(state, wrong)
+    with pytest.raises(Exception) as info:
+        wait()
+    assert "32" in str(info.value) and "28" in str(info.value)
 
 
 def test_profile_step_script_splits_a_step_by_layer_and_pass(capsys, monkeypatch, tmp_path):

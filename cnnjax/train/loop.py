@@ -9,6 +9,7 @@ with the same parameters as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import itertools
@@ -545,25 +546,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     steps = Steps(model, tx, schedule, mesh=mesh, preprocess=augment.preprocess,
                   augment_config=config.augment, **step_options(config, info))
     batches = iter(())
-    compile_errors: list[BaseException] = []
-    compiler = None
+    wait_for_compile = None
     if step0 < stop_at:
         batches = source.train_batches(config.batch_size, seed=config.seed, start_step=step0,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
         first_batch = next(batches)
         batches = itertools.chain([first_batch], batches)
-
-        def compile_steps() -> None:
-            try:
-                steps.compile(abstract_state, first_batch, config.eval_batch_size,
-                              compiler_options(config))
-            except BaseException as err:  # re-raised in the main thread
-                compile_errors.append(err)
-
         log.info("compiling the train and eval steps...")
-        compiler = threading.Thread(target=compile_steps, daemon=True)
-        compiler.start()
+        wait_for_compile = steps.compile_in_background(
+            abstract_state, first_batch, config.eval_batch_size, compiler_options(config))
     t_compile = time.time()
 
     # ---- checkpoint / resume (while the steps compile)
@@ -588,16 +580,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 state = _load_weights(config.weights, model, state, replicated)
             if config.get("init_from", ""):
                 state = _init_from(config.init_from, state, replicated)
-        if compiler is not None:
-            compiler.join()
-        if compile_errors:
-            raise compile_errors[0]
+        if wait_for_compile is not None:
+            wait_for_compile()
     except BaseException:
-        if compiler is not None:
-            compiler.join()
+        if wait_for_compile is not None:
+            with contextlib.suppress(BaseException):  # the first error is the one to report
+                wait_for_compile()
         ckpt.close()
         raise
-    if compiler is not None:
+    if wait_for_compile is not None:
         log.info("compiled in %.1f s (%.1f s since start)", time.time() - t_compile,
                  time.time() - t_start)
     writer.discard_after(step)  # lines a killed run logged past its checkpoint

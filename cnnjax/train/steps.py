@@ -13,6 +13,7 @@ exact; divide at the end.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -172,3 +173,28 @@ class Steps:
             eval_batch = {k: spec(v, eval_batch_size) for k, v in example_batch.items()}
             self.eval_step = self.eval_step.lower(state.params, eval_batch).compile(
                 compiler_options=compiler_options)
+
+    def compile_in_background(self, *args: Any, **kwargs: Any) -> Callable[[], None]:
+        """Starts :meth:`compile` (same arguments) in a daemon thread; returns ``wait``.
+
+        XLA compiles without holding the GIL, so the caller can initialize or
+        restore the parameters meanwhile. ``wait()`` blocks until the steps are
+        compiled and re-raises the compile's error, if any, in the caller's thread.
+        """
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.compile(*args, **kwargs)
+            except BaseException as err:  # re-raised by wait()
+                errors.append(err)
+
+        thread = threading.Thread(target=run, name="cnnjax-compile", daemon=True)
+        thread.start()
+
+        def wait() -> None:
+            thread.join()
+            if errors:
+                raise errors[0]
+
+        return wait

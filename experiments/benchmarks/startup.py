@@ -4,11 +4,13 @@ Each round starts one fresh Python process per contender, alternately, and
 times it from outside (fork to exit), so that interpreter start, imports,
 model construction, compilation and the first step all count:
 
-* ``cnnjax``: imports ``cnnjax``, builds the trainer's own jitted train step
-  for LeNet-5 (batch 128, SGD momentum, ``cnnjax.train.steps.Steps``, as
-  ``cnnjax bench`` does), compiled with the trainer's XLA options and the
-  persistent compilation cache that ``cnnjax train`` uses, and runs one step
-  to completion. Run "cold" (empty
+* ``cnnjax``: starts as the ``cnnjax`` program does (``cli.tune_malloc`` and
+  ``cli.tune_gc`` after the package's imports), builds the trainer's own
+  jitted train step for LeNet-5 (batch 128, SGD momentum,
+  ``cnnjax.train.steps.Steps``, as ``cnnjax bench`` does), compiled with the
+  trainer's XLA options and the persistent compilation cache that ``cnnjax
+  train`` uses, in a background thread while the parameters initialize (as
+  ``cnnjax train`` does), and runs one step to completion. Run "cold" (empty
   cache directory, so XLA compiles) and "warm" (the cache filled by an earlier
   run: what every later ``cnnjax train`` sees).
 * ``torch``: imports torch (and nothing of cnnjax), builds the same LeNet-5
@@ -31,12 +33,15 @@ import time
 
 CNNJAX = r"""
 import sys
+from cnnjax.cli import tune_gc, tune_malloc
+tune_malloc()
+tune_gc()
 from cnnjax.train.loop import enable_compilation_cache
 enable_compilation_cache(sys.argv[1])
 import jax
 from cnnjax import bench
-_, steps, state, batch, options, _ = bench._build("lenet5", 128, "float32", 0)
-state, metrics = steps.train_step.lower(state, batch).compile(options)(state, batch)
+_, steps, state, batch, _, _ = bench._build("lenet5", 128, "float32", 0, compile_train_step=True)
+state, metrics = steps.train_step(state, batch)
 jax.block_until_ready((state, metrics))
 """
 
