@@ -211,7 +211,9 @@ def _build(model_name: str, batch: int, dtype: str, seed: int, *,
     channels = image_shape[-1]
     steps = Steps(model, tx, schedule, mesh=mesh, num_classes=num_classes,
                   preprocess=augment.preprocess, augment_config=config.augment,
-                  mean=[0.5] * channels, std=[0.25] * channels)
+                  mean=[0.5] * channels, std=[0.25] * channels,
+                  compiler_options=compiler_options(config),
+                  eval_compiler_options=compiler_options(config, inference=True))
     rng = jax.random.PRNGKey(seed)
     local = batch // jax.process_count()
     np_rng = np.random.default_rng(seed)
@@ -227,8 +229,7 @@ def _build(model_name: str, batch: int, dtype: str, seed: int, *,
     lowered = jax.jit(init, out_shardings=mesh_lib.replicated(mesh)).lower(rng)
     wait_for_compile = None
     if compile_train_step:
-        wait_for_compile = steps.compile_in_background(lowered.out_info, host_batch,
-                                                       None, compiler_options(config))
+        wait_for_compile = steps.compile_in_background(lowered.out_info, host_batch)
     state = lowered.compile(compiler_options(
         config, run_once=True, num_params=count_params(lowered.out_info.params)))(rng)
     if wait_for_compile is not None:

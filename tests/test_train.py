@@ -256,6 +256,24 @@ def test_cpu_init_compiler_options_change_speed_not_values():
             np.testing.assert_array_equal(a, b)
 
 
+def test_cpu_eval_step_compiles_without_ynnpack_fusions_and_train_step_with():
+    # Forward-only programs run faster on XLA:CPU's own kernels; training keeps
+    # YNNPACK's products. The trainer's Steps carry both option sets.
+    from cnnjax import bench
+    from cnnjax.train.loop import compiler_options
+
+    assert compiler_options(default_config(), inference=True)[
+        "xla_cpu_experimental_ynn_fusion_type"] == ""
+    assert "xla_cpu_experimental_ynn_fusion_type" not in compiler_options(default_config())
+    _, steps, state, batch, options, _ = bench._build("lenet5", 8, "float32", 0)
+    eval_hlo = steps.eval_step.lower(state.params, batch).compile(options).as_text()
+    train_hlo = steps.train_step.lower(state, batch).compile(options).as_text()
+    assert "ynn_fusion" not in eval_hlo and "ynn_fusion" in train_hlo
+    # The options travel with the jitted functions, so a step compiled on first call
+    # (cnnjax eval) gets them too.
+    assert "ynn_fusion" not in steps.eval_step.lower(state.params, batch).compile().as_text()
+
+
 def test_metric_writer_remote_path_rewrites_and_discards(tmp_path):
     # The gs:// code path (whole-file rewrites through etils.epath), on a local directory.
     from cnnjax.train.metrics import MetricWriter

@@ -182,7 +182,7 @@ OPTIMIZED_INIT_PARAMS = 2**24
 
 
 def compiler_options(config: ml_collections.ConfigDict, *, run_once: bool = False,
-                     num_params: int = 0) -> dict[str, Any] | None:
+                     num_params: int = 0, inference: bool = False) -> dict[str, Any] | None:
     """XLA options for the CPU; GPUs and TPUs are left alone.
 
     Copy insertion with region analysis: without it XLA:CPU copies every large
@@ -200,6 +200,13 @@ def compiler_options(config: ml_collections.ConfigDict, *, run_once: bool = Fals
     above at LLVM level 1, whose code draws the values ~3x faster (VGG-16's
     138 M: compile + run 0.8 + 4.5 -> 1.0 + 1.3 s; NOTES.md, attempt 62). The
     values drawn are the same bits under every option.
+
+    ``inference``: the options of an eval (forward-only) step, which XLA:CPU
+    compiles without its YNNPACK fusions (``xla_cpu_experimental_ynn_fusion_type``
+    empty): its own dot and convolution kernels run every model's forward pass
+    faster here (eval steps x0.78 all-conv net, x0.86-0.89 both AlexNets, x0.94
+    VGG-16, x0.97 LeNet-5), where training steps need YNNPACK's products
+    (without them AlexNet x1.77, VGG-16 x1.5; NOTES.md, attempt 64).
     """
     if jax.default_backend() != "cpu":
         return None
@@ -211,6 +218,8 @@ def compiler_options(config: ml_collections.ConfigDict, *, run_once: bool = Fals
         elif run_once:
             options["xla_backend_optimization_level"] = 0
             options["xla_cpu_use_fusion_emitters"] = False
+    if inference:
+        options["xla_cpu_experimental_ynn_fusion_type"] = ""
     return options
 
 
@@ -325,8 +334,9 @@ LABEL_MAPS = {
 
 
 def step_options(config: ml_collections.ConfigDict, info) -> dict[str, Any]:
-    """Steps' labels and input normalization: ``--config.binary_labels`` and, with
-    ``--config.weights``, the normalization those weights expect."""
+    """Steps' labels, input normalization and XLA options: ``--config.binary_labels``,
+    with ``--config.weights`` the normalization those weights expect, and
+    :func:`compiler_options` for the train and the eval step."""
     mean, std = info.mean, info.std
     if config.get("weights", ""):
         from cnnjax import weights
@@ -334,7 +344,9 @@ def step_options(config: ml_collections.ConfigDict, info) -> dict[str, Any]:
         mean, std = weights.input_normalization(os.path.expanduser(config.weights))
     binary = config.get("binary_labels", "")
     return {"num_classes": 2 if binary else info.num_classes, "mean": mean, "std": std,
-            "label_map": LABEL_MAPS[binary] if binary else None}
+            "label_map": LABEL_MAPS[binary] if binary else None,
+            "compiler_options": compiler_options(config),
+            "eval_compiler_options": compiler_options(config, inference=True)}
 
 
 def _load_weights(path: str, model, state: TrainState, sharding) -> TrainState:
@@ -554,8 +566,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         first_batch = next(batches)
         batches = itertools.chain([first_batch], batches)
         log.info("compiling the train and eval steps...")
-        wait_for_compile = steps.compile_in_background(
-            abstract_state, first_batch, config.eval_batch_size, compiler_options(config))
+        wait_for_compile = steps.compile_in_background(abstract_state, first_batch,
+                                                       config.eval_batch_size)
     t_compile = time.time()
 
     # ---- checkpoint / resume (while the steps compile)

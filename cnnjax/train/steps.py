@@ -88,12 +88,17 @@ class Steps:
     each Python function was traced (it must stay 1: a second trace means a
     silent recompile). ``label_map`` (jittable) maps the batch's labels before
     the loss, e.g. 10 digit classes to 0/1 (``loop.LABEL_MAPS``).
+    ``compiler_options`` / ``eval_compiler_options``: XLA options the train /
+    eval step are compiled with, whether by :meth:`compile` or on first call
+    (``loop.compiler_options``).
     """
 
     def __init__(self, model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                  mesh: Mesh, num_classes: int, preprocess: Callable[..., jax.Array],
                  augment_config: ml_collections.ConfigDict, mean: Any, std: Any,
-                 label_map: Callable[[jax.Array], jax.Array] | None = None):
+                 label_map: Callable[[jax.Array], jax.Array] | None = None,
+                 compiler_options: dict[str, Any] | None = None,
+                 eval_compiler_options: dict[str, Any] | None = None):
         self.traces = {"train": 0, "eval": 0}
         with_top5 = num_classes > 5
         relabel = label_map or (lambda labels: labels)
@@ -142,9 +147,10 @@ class Steps:
         batch = mesh_lib.batch_sharding(mesh)
         self._replicated, self._batch = replicated, batch
         self.train_step = jax.jit(train_step, in_shardings=(replicated, batch),
-                                  out_shardings=(replicated, replicated), donate_argnums=(0,))
+                                  out_shardings=(replicated, replicated), donate_argnums=(0,),
+                                  compiler_options=compiler_options)
         self.eval_step = jax.jit(eval_step, in_shardings=(replicated, batch),
-                                 out_shardings=replicated)
+                                 out_shardings=replicated, compiler_options=eval_compiler_options)
 
     def compile(self, abstract_state: TrainState, example_batch: dict[str, Any],
                 eval_batch_size: int | None = None,
