@@ -160,8 +160,8 @@ class Steps:
         Replaces ``train_step``/``eval_step`` by the compiled executables, which
         can never recompile: a batch of another shape or dtype is an error.
         ``example_batch`` is one process-local batch (numpy); its global shape
-        is this batch times the process count. ``compiler_options`` are XLA
-        debug options (see ``loop.compiler_options``).
+        is this batch times the process count. ``compiler_options``: more XLA
+        options for both steps, on top of those given at construction.
         """
         processes = jax.process_count()
 
