@@ -265,6 +265,9 @@ def test_cpu_eval_step_compiles_without_ynnpack_fusions_and_train_step_with():
     assert compiler_options(default_config(), inference=True)[
         "xla_cpu_experimental_ynn_fusion_type"] == ""
     assert "xla_cpu_experimental_ynn_fusion_type" not in compiler_options(default_config())
+    keep = default_config()
+    keep.cpu_eval_ynnpack = True  # the other choice stays selectable
+    assert "xla_cpu_experimental_ynn_fusion_type" not in compiler_options(keep, inference=True)
     _, steps, state, batch, options, _ = bench._build("lenet5", 8, "float32", 0)
     eval_hlo = steps.eval_step.lower(state.params, batch).compile(options).as_text()
     train_hlo = steps.train_step.lower(state, batch).compile(options).as_text()

@@ -63,8 +63,8 @@ log = logging.getLogger("cnnjax.train")
 RUN_ONLY_FIELDS = frozenset({
     "name", "num_epochs", "stop_after_steps", "log_every_steps", "checkpoint_every_steps",
     "max_checkpoints_to_keep", "eval_every_epochs", "eval_batch_size", "progress_bar",
-    "compilation_cache_dir", "fast_cpu_compile", "data_dir", "data_workers", "distributed",
-    "coordinator_address", "num_processes", "process_id", "distributed_timeout_s",
+    "compilation_cache_dir", "fast_cpu_compile", "cpu_eval_ynnpack", "data_dir", "data_workers",
+    "distributed", "coordinator_address", "num_processes", "process_id", "distributed_timeout_s",
     "init_from", "seed", "learning_rate", "schedule", "warmup_epochs", "decay_epochs",
     "decay_factor", "end_learning_rate_factor",
 })

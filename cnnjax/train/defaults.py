@@ -87,5 +87,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""             # a run's workdir: start from its params of same name/shape
     config.compilation_cache_dir = "~/.cache/cnnjax/xla"  # "" disables the persistent cache
     config.fast_cpu_compile = True    # CPU only: cheaper XLA compiles (see loop.compiler_options)
+    config.cpu_eval_ynnpack = False   # CPU only: True keeps XLA's YNNPACK fusions in eval steps
     config.progress_bar = True        # shown only when stdout is a terminal
     return config

@@ -207,6 +207,7 @@ def compiler_options(config: ml_collections.ConfigDict, *, run_once: bool = Fals
     faster here (eval steps x0.78 all-conv net, x0.86-0.89 both AlexNets, x0.94
     VGG-16, x0.97 LeNet-5), where training steps need YNNPACK's products
     (without them AlexNet x1.77, VGG-16 x1.5; NOTES.md, attempt 64).
+    ``config.cpu_eval_ynnpack=True`` keeps them in eval steps too.
     """
     if jax.default_backend() != "cpu":
         return None
@@ -218,7 +219,7 @@ def compiler_options(config: ml_collections.ConfigDict, *, run_once: bool = Fals
         elif run_once:
             options["xla_backend_optimization_level"] = 0
             options["xla_cpu_use_fusion_emitters"] = False
-    if inference:
+    if inference and not config.get("cpu_eval_ynnpack", False):
         options["xla_cpu_experimental_ynn_fusion_type"] = ""
     return options
 
