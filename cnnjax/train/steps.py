@@ -153,15 +153,14 @@ class Steps:
                                  out_shardings=replicated, compiler_options=eval_compiler_options)
 
     def compile(self, abstract_state: TrainState, example_batch: dict[str, Any],
-                eval_batch_size: int | None = None,
-                compiler_options: dict[str, Any] | None = None) -> None:
+                eval_batch_size: int | None = None) -> None:
         """Compiles both steps ahead of time for these shapes (may run in a thread).
 
         Replaces ``train_step``/``eval_step`` by the compiled executables, which
         can never recompile: a batch of another shape or dtype is an error.
         ``example_batch`` is one process-local batch (numpy); its global shape
-        is this batch times the process count. ``compiler_options``: more XLA
-        options for both steps, on top of those given at construction.
+        is this batch times the process count. The XLA options are those given
+        at construction.
         """
         processes = jax.process_count()
 
@@ -173,12 +172,10 @@ class Steps:
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self._replicated),
             abstract_state)
         train_batch = {k: spec(v) for k, v in example_batch.items()}
-        self.train_step = self.train_step.lower(state, train_batch).compile(
-            compiler_options=compiler_options)
+        self.train_step = self.train_step.lower(state, train_batch).compile()
         if eval_batch_size:
             eval_batch = {k: spec(v, eval_batch_size) for k, v in example_batch.items()}
-            self.eval_step = self.eval_step.lower(state.params, eval_batch).compile(
-                compiler_options=compiler_options)
+            self.eval_step = self.eval_step.lower(state.params, eval_batch).compile()
 
     def compile_in_background(self, *args: Any, **kwargs: Any) -> Callable[[], None]:
         """Starts :meth:`compile` (same arguments) in a daemon thread; returns ``wait``.
