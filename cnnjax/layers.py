@@ -145,16 +145,18 @@ class Conv(nn.Module):
             "kernel", self.kernel_init, (fh, fw, x.shape[-1], self.features), self.param_dtype
         )
         dtype = x.dtype
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            bias = bias.astype(dtype)
         y = ops.conv2d(
             x,
             kernel.astype(dtype),
+            bias,
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,
         )
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            y = y + bias.astype(dtype)
         return get_activation(self.activation)(y)
 
     def output_shape(self, input_shape: Shape) -> Shape:

@@ -552,13 +552,91 @@ def test_full_window_conv_is_one_matrix_product(x64):
 def test_small_patch_rule_picks_col2im_and_im2col_on_cpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16)) == ("col2im", "stacked")
+    # One input channel (LeNet-5's conv1): the banded weight gradient.
+    assert conv_module._pick_grads("auto", "auto", (5, 5, 1, 6)) == ("col2im", "banded")
+    assert conv_module._pick_grads("auto", "auto", (5, 5, 2, 6)) == ("col2im", "stacked")
     # Zero padding: the stacked patch matrix loses to per-image gradients.
     assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16), ((2, 2), (2, 2))) == (
         "col2im", "per_image")
     assert conv_module._pick_grads("auto", "auto", (3, 3, 32, 64)) == ("xla", "per_image")
     assert conv_module._pick_grads("xla", "offsets", (5, 5, 1, 6)) == ("xla", "offsets")
+    assert conv_module._pick_grads("auto", "auto", (5, 5, 1, 6), ((2, 2), (2, 2))) == (
+        "col2im", "per_image")
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16)) == ("xla", "xla")
+    assert conv_module._pick_grads("auto", "auto", (5, 5, 1, 6)) == ("xla", "xla")
+
+
+@pytest.mark.parametrize("wo,k,expected", [
+    (28, 6, 7),     # LeNet-5's conv1: 7 x 6 = 42 columns; 14 x 6 = 84 is too many
+    (10, 16, 2),    # 4 x 16 = 64 would fit, but 4 does not divide 10
+    (28, 100, 1),   # one column is always allowed
+    (23, 1, 23),    # a prime width: the whole row
+    (13, 6, 1),     # a prime width too wide for one block
+])
+def test_band_block(wo, k, expected):
+    assert conv_module._band_block(wo, k) == expected
+
+
+def test_banded_weight_grad_against_numpy_loop():
+    # dL/dw[a, b, c, k] = sum_{n, i, j} xp[n, i S + a D, j S + b D, c] g[n, i, j, k],
+    # as loops, for LeNet-5's conv1 shape at a small batch (B_w = 7, four blocks).
+    rng = np.random.default_rng(30)
+    x, w = _rand(rng, (2, 32, 32, 1)), _rand(rng, (5, 5, 1, 6))
+    g = _rand(rng, (2, 28, 28, 6))
+    f = functools.partial(conv2d, weight_grad_impl="banded", input_grad_impl="xla")
+    _, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+    ref = np.zeros((5, 5, 1, 6))
+    for a in range(5):
+        for b in range(5):
+            patch = x[:, a : a + 28, b : b + 28, :].astype(np.float64)  # (N, 28, 28, 1)
+            ref[a, b] = np.einsum("nijc,nijk->ck", patch, g.astype(np.float64))
+    np.testing.assert_allclose(vjp(jnp.asarray(g))[1], ref, rtol=2e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("columns", [1, 5, 64, 1000])
+@pytest.mark.parametrize("stride,padding,dilation", [
+    (1, 0, 1), ((2, 3), ((2, 0), (1, 3)), (1, 2)), ((1, 2), 1, (3, 1)), (3, "SAME", 2)])
+def test_banded_gradients_in_blocks(x64, monkeypatch, columns, stride, padding, dilation):
+    # Block widths from one column to whole rows (the budget B_w K picks a divisor
+    # of W_out), with strides, dilations and padding in both axes: dL/dx, dL/dw and
+    # dL/db (taken from the same product) against lax's autodiff.
+    monkeypatch.setattr(conv_module, "_BAND_MAX_COLUMNS", columns)
+    rng = np.random.default_rng(31)
+    x = jnp.asarray(rng.standard_normal((2, 13, 17, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 2, 2, 5)))
+    b = jnp.asarray(rng.standard_normal((5,)))
+    f = functools.partial(conv2d, stride=stride, padding=padding, dilation=dilation,
+                          weight_grad_impl="banded", input_grad_impl="banded")
+    y, vjp = jax.vjp(f, x, w, b)
+    ref, ref_vjp = jax.vjp(
+        lambda x, w, b: conv_lax(x, w, stride, padding, dilation) + b, x, w, b)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", [*WGRAD_IMPLS, "winograd"])
+def test_bias_gradient_in_every_formulation(x64, impl):
+    # The bias is part of the hand-written VJP: dL/db = sum of g over N, H, W in every
+    # formulation, and the banded one takes it from its own product (no separate sum
+    # over g in its gradient).
+    rng = np.random.default_rng(32)
+    x = jnp.asarray(rng.standard_normal((2, 8, 9, 1)))
+    w = jnp.asarray(rng.standard_normal((3, 3, 1, 4)))
+    b = jnp.asarray(rng.standard_normal((4,)))
+    kwargs = ({"forward_impl": "winograd"} if impl == "winograd"
+              else {"weight_grad_impl": impl, "input_grad_impl": "xla"})
+    f = functools.partial(conv2d, **kwargs)
+    y, vjp = jax.vjp(f, x, w, b)
+    _, ref_vjp = jax.vjp(lambda x, w, b: conv_lax(x, w) + b, x, w, b)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    check_grads(f, (x, w, b), order=2, modes=["rev"])
+    jaxpr = str(jax.make_jaxpr(lambda x, w, b: jax.vjp(f, x, w, b)[1](g))(x, w, b))
+    assert ("axes=(0, 1, 2)" in jaxpr) == (impl != "banded")
 
 
 def test_row_col_rule_on_cpu(monkeypatch):

@@ -40,12 +40,18 @@ flipped filters"), with ``g = dL/dy``:
   the ``F_w`` offsets of that row at once: ``F_h`` products with ``F_w K`` rows
   and an ``F_w``-fold copy of ``g`` instead of im2col's ``F_h F_w``-fold patch
   matrix. It runs one cache-sized block of pixels at a time in a loop.
+  ``"banded"`` uses that along the width a convolution is a product with a
+  banded (Toeplitz) matrix: segments of ``F_h`` input rows against blocks of
+  ``B_w`` output columns, one product ``(F_h B_in C_in, M / B_w) x (M / B_w,
+  B_w K)`` whose band holds dL/dw (the cheapest form over a single input
+  channel, LeNet-5's conv1; its product also yields dL/db, from a column of ones).
 * ``dL/dx`` can also be taken as col2im (``input_grad_impl="col2im"``): the
   patch gradients ``g W^T``, each offset's slice added back at the input cells
   it read (``lax.pad`` with interior padding ``S - 1`` and edge padding that
   crops padded cells), which beats a convolution when ``F C_in`` is small; or
   as XLA's convolution per batch chunk (``input_grad_impl="per_image"``), which
-  the CPU takes for strided filters.
+  the CPU takes for strided filters; or in the banded form (``"banded"``): g
+  times the transposed band, the row segments added back.
 * ``dL/db[k] = sum_{n, i, j} g[n, i, j, k]``.
 
 A filter that covers the whole unpadded input (output ``1 x 1``) is a dense
@@ -85,6 +91,7 @@ from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cnnjax.ops._checks import check_nhwc, compute_dtype
@@ -105,6 +112,7 @@ __all__ = [
     "ROW_COL_CHANNELS_BY_BACKEND",
     "STRIDED_INPUT_GRAD_IMPL_BY_BACKEND",
     "SMALL_PATCH_WIDTH_BY_BACKEND",
+    "BANDED_MAX_CHANNELS_BY_BACKEND",
     "DIRECT_PATCH_WIDTH_BY_BACKEND",
     "STRIDED_INPUT_CHANNELS_BY_BACKEND",
     "WINOGRAD_MIN_CHANNELS_BY_BACKEND",
@@ -150,6 +158,11 @@ STRIDED_INPUT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "
 # ("stacked", unpadded inputs only) and dL/dx as col2im of g W^T ("col2im"),
 # 1.5-2x faster there (NOTES.md). 0 = never.
 SMALL_PATCH_WIDTH_BY_BACKEND = {"cpu": 256, "gpu": 0, "tpu": 0}
+# Of those small unpadded layers, the ones over at most this many input channels
+# (LeNet-5's conv1, over one) take dL/dW in the "banded" form: whole input rows
+# against blocks of output columns, 2x faster than "stacked" there; LeNet-5's
+# conv2 (6 channels) measured 1.3x slower banded (NOTES.md, attempt 66).
+BANDED_MAX_CHANNELS_BY_BACKEND = {"cpu": 1}
 # Up to this patch width the forward pass is the direct sum of F_h F_w C_in
 # shifted, scaled copies of the input ("direct"), which XLA fuses into one loop
 # together with the bias, the activation and a small pool. Alone it is 9x
@@ -185,8 +198,9 @@ WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": {3: 96, 5: 32}}
 
 _IMPLS = ("auto", "native", "space_to_batch")
 _FWD_IMPLS = ("auto", "xla", "direct", "per_image", "winograd")
-_WGRAD_IMPLS = ("auto", "per_image", "row_col", "im2col", "stacked", "offsets", "xla")
-_DGRAD_IMPLS = ("auto", "xla", "per_image", "col2im")
+_WGRAD_IMPLS = ("auto", "per_image", "row_col", "banded", "im2col", "stacked", "offsets",
+                "xla")
+_DGRAD_IMPLS = ("auto", "xla", "per_image", "col2im", "banded")
 
 
 def _pick(table: dict, impl: str) -> str:
@@ -223,7 +237,8 @@ def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0)
         unpadded = all(p == (0, 0) for p in pads)
         min_c, max_rows = ROW_COL_CHANNELS_BY_BACKEND.get(backend, (None, None))
         if small and unpadded:
-            weight_grad_impl = "stacked"
+            weight_grad_impl = ("banded" if c <= BANDED_MAX_CHANNELS_BY_BACKEND.get(backend, 0)
+                                else "stacked")
         elif (min_c is not None and tuple(stride) == (1, 1) and c >= min_c
               and fw * k <= max_rows):
             weight_grad_impl = "row_col"
@@ -588,6 +603,51 @@ def _input_grad_col2im(g, w, x_hw, stride, pads, dilation):
     return dx
 
 
+def _input_grad_banded(g, w, x_hw, stride, pads, dilation):
+    """dL/dx through the banded form (see :func:`_weight_grad_banded`).
+
+    ``g`` in blocks of B_w output columns times the transposed band of the filter
+    gives, per output row and block, the gradient of the F_h input row segments
+    of B_in columns that block read. The segments are added back along the width
+    (block j's columns q B_w S_w onwards land on block j + q's) and then the F_h
+    rows along the height, which crops the cells that were padding.
+    """
+    fh, fw, c, k = w.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    n, ho, wo, _ = g.shape
+    bw = _band_block(wo, k)
+    nb = wo // bw
+    bin_ = (bw - 1) * sw + (fw - 1) * dw + 1
+    step = bw * sw
+    sel = jnp.asarray(_band_selection(fw, bin_, bw, sw, dw, jnp.dtype(w.dtype)))
+    band = jnp.einsum("abck,buj->aucjk", w, sel).reshape(fh * bin_ * c, bw * k)
+    segs = lax.dot_general(g.reshape(-1, bw * k), band, (((1,), (1,)), ((), ())))
+    segs = segs.reshape(n, ho, nb, fh, bin_, c)
+    pieces = -(-bin_ // step)
+    if pieces * step > bin_:
+        segs = jnp.pad(segs, ((0, 0),) * 4 + ((0, pieces * step - bin_), (0, 0)))
+    segs = jnp.moveaxis(segs, 3, 2)  # (N, H_out, F_h, nb, pieces * step, C)
+    cols = None
+    for q in range(pieces):
+        piece = segs[:, :, :, :, q * step : (q + 1) * step].reshape(n, ho, fh, nb * step, c)
+        piece = jnp.pad(piece, ((0, 0), (0, 0), (0, 0), (q * step, (pieces - 1 - q) * step),
+                                (0, 0)))
+        cols = piece if cols is None else cols + piece
+    # cols: (N, H_out, F_h, width, C) over padded input columns 0 .. width - 1.
+    left, width = pads[1][0], cols.shape[3]
+    cols = lax.pad(cols, jnp.zeros((), cols.dtype),
+                   ((0, 0, 0),) * 3 + ((-left, left + x_hw[1] - width, 0), (0, 0, 0)))
+    zero = jnp.zeros((), g.dtype)
+    dx = None
+    for a in range(fh):
+        start = a * dh - pads[0][0]
+        term = lax.pad(cols[:, :, a], zero, ((0, 0, 0),
+                                             (start, x_hw[0] - start - (ho - 1) * sh - 1, sh - 1),
+                                             (0, 0, 0), (0, 0, 0)))
+        dx = term if dx is None else dx + term
+    return dx
+
+
 def _input_grad(g, w, x_hw, stride, pads, dilation, impl, dgrad_impl="xla"):
     """dL/dx: forward convolution of the stride-dilated g with the flipped filter."""
     if impl == "dense":
@@ -595,6 +655,8 @@ def _input_grad(g, w, x_hw, stride, pads, dilation, impl, dgrad_impl="xla"):
             g.shape[0], *x_hw, w.shape[2])
     if dgrad_impl == "col2im":
         return _input_grad_col2im(g, w, x_hw, stride, pads, dilation)
+    if dgrad_impl == "banded":
+        return _input_grad_banded(g, w, x_hw, stride, pads, dilation)
     fh, fw = w.shape[:2]
     w_flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)  # (F_h, F_w, K, C)
     grad_pads = []
@@ -875,6 +937,77 @@ def _weight_grad_stacked(xp, g, w_shape, stride, dilation, acc):
     return total.reshape(fh, fw, c, k)
 
 
+# Output columns per block of the banded forms: the largest divisor of W_out with
+# at most this many columns B_w K in a block row of g. LeNet-5's conv1 (K = 6, W_out
+# = 28), weight gradient alone: B_w = 7 0.93 ms, 4 1.05, 14 1.32, 28 1.23, 2 1.61;
+# widths that do not divide W_out (5, 6, 8: 1.14-1.19) are never taken.
+_BAND_MAX_COLUMNS = 64
+
+
+def _band_block(wo: int, k: int) -> int:
+    """The largest divisor B_w of W_out with B_w K <= _BAND_MAX_COLUMNS (at least 1)."""
+    return max(d for d in range(1, wo + 1)
+               if wo % d == 0 and (d * k <= _BAND_MAX_COLUMNS or d == 1))
+
+
+def _band_selection(fw, bin_, bw, s, d, dtype):
+    """The 0/1 tensor (F_w, B_in, B_w) that is 1 where input column u = j S + b D."""
+    sel = np.zeros((fw, bin_, bw), dtype)
+    for b in range(fw):
+        sel[b, np.arange(bw) * s + b * d, np.arange(bw)] = 1
+    return sel
+
+
+def _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=False):
+    """dL/dw from blocks of whole input rows against blocks of output columns.
+
+    Along the width a convolution is a product with a banded (Toeplitz) matrix.
+    Split the output columns into blocks of B_w; block j reads the B_in = (B_w - 1)
+    S_w + (F_w - 1) D_w input columns from j B_w S_w on. Row (n, i, j) of R holds,
+    for each filter row a, those columns of input row i S_h + a D_h: R is
+    ``(N H_out W_out / B_w, F_h B_in C_in)``; row (n, i, j) of G holds the block's
+    B_w K outputs of g. Then ``R^T G`` is ``(F_h B_in C_in, B_w K)`` and
+    dL/dw[a, b, c, k] is the sum over j' < B_w of its entry at input column
+    j' S_w + b D_w, output column j', i.e. the band. One product with
+    ``(B_w + F_w - 1) / F_w`` times the multiply-adds of the direct sum but
+    F_w B_w / (B_w + F_w - 1) times fewer rows of patches than im2col: the
+    cheapest form when C_in is 1 (LeNet-5's conv1: 2x faster than "stacked";
+    NOTES.md, attempt 66). Chunks of the batch bound the memory of R as in "stacked".
+    ``with_bias``: R gets a column of ones, whose row of the product sums g, and
+    ``(dL/dw, dL/db)`` is returned.
+    """
+    fh, fw, c, k = w_shape
+    (sh, sw), (dh, dw) = stride, dilation
+    n, ho, wo, _ = g.shape
+    bw = _band_block(wo, k)
+    nb = wo // bw
+    bin_ = (bw - 1) * sw + (fw - 1) * dw + 1
+    need = (nb - 1) * bw * sw + bin_  # the input columns the blocks read (<= W_p)
+    per_image = ho * nb * fh * bin_ * c * jnp.dtype(xp.dtype).itemsize
+    size = max(1, _STACKED_CHUNK_BYTES // max(per_image, 1))
+    total = None
+    for i in range(0, n, size):
+        xc = xp[i : i + size]
+        m = xc.shape[0]
+        rows = jnp.stack([
+            lax.slice(xc, (0, a * dh, 0, 0), (m, a * dh + (ho - 1) * sh + 1, need, c),
+                      (1, sh, 1, 1))
+            for a in range(fh)], axis=2)  # (m, H_out, F_h, need, C)
+        rows = jnp.stack([rows[:, :, :, j * bw * sw : j * bw * sw + bin_] for j in range(nb)],
+                         axis=2)  # (m, H_out, nb, F_h, B_in, C)
+        rows = rows.reshape(-1, fh * bin_ * c)
+        if with_bias:
+            rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+        term = _tn_dot(rows, g[i : i + size].reshape(-1, bw * k), acc)
+        total = term if total is None else total + term
+    sel = jnp.asarray(_band_selection(fw, bin_, bw, sw, dw, jnp.dtype(acc)))
+    dw_ = jnp.einsum("aucjk,buj->abck", total[: fh * bin_ * c].reshape(fh, bin_, c, bw, k), sel,
+                     preferred_element_type=acc)
+    if with_bias:
+        return dw_, total[-1].reshape(bw, k).sum(0)
+    return dw_
+
+
 def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
     """dL/dw[a, b, c, k] = sum_{n,i,j} xp[n, i*S_h + a*D_h, j*S_w + b*D_w, c] g[n, i, j, k]."""
     fh, fw, c, k = w_shape
@@ -903,29 +1036,50 @@ def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
         return _weight_grad_stacked(xp, g, w_shape, stride, dilation, acc)
     if impl == "row_col":
         return _weight_grad_row_col(xp, g, w_shape, stride, dilation, acc)
+    if impl == "banded":
+        return _weight_grad_banded(xp, g, w_shape, stride, dilation, acc)
     # "offsets": one (N H_out W_out, C_in)^T (N H_out W_out, K) product per offset.
     g2 = g.reshape(-1, k)
     windows = _offset_windows(xp, g.shape[1:3], (fh, fw), stride, dilation)
     return jnp.stack([_tn_dot(wd.reshape(-1, c), g2, acc) for wd in windows]).reshape(fh, fw, c, k)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _conv(x, w, stride, pads, dilation, impl, dgrad_impl, wgrad_impl):
-    return _forward(x, w, stride, pads, dilation, impl)
+def _weight_and_bias_grad(x, g, w_shape, stride, pads, dilation, impl):
+    """(dL/dw, dL/db). The banded form takes dL/db = sum g from its own product (a
+    column of ones in its rows), where a separate sum over g was a pass of its own
+    (LeNet-5's conv1); the others sum g."""
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    if impl == "banded":
+        xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+        return _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=True)
+    dw = _weight_grad(x, g, w_shape, stride, pads, dilation, impl)
+    return dw, jnp.sum(g, axis=(0, 1, 2), dtype=acc)
 
 
-def _conv_fwd(x, w, stride, pads, dilation, impl, dgrad_impl, wgrad_impl):
-    return _forward(x, w, stride, pads, dilation, impl), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _conv(x, w, b, stride, pads, dilation, impl, dgrad_impl, wgrad_impl):
+    y = _forward(x, w, stride, pads, dilation, impl)
+    return y if b is None else y + b
+
+
+def _conv_fwd(x, w, b, stride, pads, dilation, impl, dgrad_impl, wgrad_impl):
+    return _conv(x, w, b, stride, pads, dilation, impl, dgrad_impl, wgrad_impl), (x, w, b)
 
 
 def _conv_bwd(stride, pads, dilation, impl, dgrad_impl, wgrad_impl, residuals, g):
-    x, w = residuals
+    x, w, b = residuals
+    wgrad_impl = "dense" if impl == "dense" else wgrad_impl
     if impl == "winograd":
-        return _winograd_grads(x, w, g, pads)  # in x's and w's dtypes
-    dx = _input_grad(g, w, x.shape[1:3], stride, pads, dilation, impl, dgrad_impl)
-    dw = _weight_grad(x, g, w.shape, stride, pads, dilation,
-                      "dense" if impl == "dense" else wgrad_impl)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+        dx, dw = _winograd_grads(x, w, g, pads)  # in x's and w's dtypes
+        acc = jnp.float32 if jnp.dtype(g.dtype).itemsize < 4 else g.dtype
+        db = None if b is None else jnp.sum(g, axis=(0, 1, 2), dtype=acc)
+    else:
+        dx = _input_grad(g, w, x.shape[1:3], stride, pads, dilation, impl, dgrad_impl)
+        if b is None:
+            dw, db = _weight_grad(x, g, w.shape, stride, pads, dilation, wgrad_impl), None
+        else:
+            dw, db = _weight_and_bias_grad(x, g, w.shape, stride, pads, dilation, wgrad_impl)
+    return dx.astype(x.dtype), dw.astype(w.dtype), None if b is None else db.astype(b.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -957,10 +1111,11 @@ def conv2d(
       dilation: D, an int or ``(D_h, D_w)``; the filter spans ``D (F - 1) + 1`` cells.
       dilation_impl: "auto", "native" or "space_to_batch" (the atrous trick; only
         used for stride 1 and dilation > 1).
-      weight_grad_impl: "auto", "per_image", "row_col", "im2col", "stacked", "offsets" or
-        "xla": how dL/dkernel is formed (see the module docstring); "auto" picks per
-        backend from ``WEIGHT_GRAD_IMPL_BY_BACKEND``, ``ROW_COL_CHANNELS_BY_BACKEND``
-        and ``SMALL_PATCH_WIDTH_BY_BACKEND``.
+      weight_grad_impl: "auto", "per_image", "row_col", "banded", "im2col", "stacked",
+        "offsets" or "xla": how dL/dkernel is formed (see the module docstring); "auto"
+        picks per backend from ``WEIGHT_GRAD_IMPL_BY_BACKEND``,
+        ``ROW_COL_CHANNELS_BY_BACKEND``, ``SMALL_PATCH_WIDTH_BY_BACKEND`` and
+        ``BANDED_MAX_CHANNELS_BY_BACKEND``.
       forward_impl: "auto", "xla" (XLA's convolution, dilated per ``dilation_impl``),
         "direct" (the sum of F_h F_w C_in shifted copies of x times a filter row, for
         filters with a small patch width; see ``DIRECT_PATCH_WIDTH_BY_BACKEND``) or
@@ -973,9 +1128,10 @@ def conv2d(
         ``WINOGRAD_MIN_CHANNELS_BY_BACKEND``, when both of those are "auto").
       input_grad_impl: "auto", "xla" (a forward convolution of the stride-dilated g with
         the flipped filter), "per_image" (the same per cache-sized batch chunk, when two
-        or more images fit in one) or "col2im" (g W^T added back where each patch was
-        read); "auto" picks col2im for small patch widths on the backends that gain
-        from it, and for strided filters per ``STRIDED_INPUT_GRAD_IMPL_BY_BACKEND``.
+        or more images fit in one), "col2im" (g W^T added back where each patch was
+        read) or "banded" (g times the filter's transposed band); "auto" picks col2im
+        for small patch widths on the backends that gain from it, and for strided
+        filters per ``STRIDED_INPUT_GRAD_IMPL_BY_BACKEND``.
 
     A filter that covers the whole unpadded input (output 1 x 1, e.g. LeNet-5's
     conv3 or a classifier layer written as a convolution) is computed as the one
@@ -1044,12 +1200,11 @@ def conv2d(
     else:
         impl = _pick(DILATION_IMPL_BY_BACKEND, dilation_impl)
     dgrad, wgrad = _pick_grads(input_grad_impl, weight_grad_impl, kernel.shape, pads, s)
-    y = _conv(x.astype(dtype), kernel.astype(dtype), s, pads, d, impl, dgrad, wgrad)
     if bias is not None:
         if getattr(bias, "shape", None) != (kernel.shape[3],):
             raise ValueError(
                 f"conv2d: bias must have shape ({kernel.shape[3]},) (one per filter), got "
                 f"{getattr(bias, 'shape', None)}."
             )
-        y = y + bias.astype(dtype)
-    return y
+        bias = bias.astype(dtype)
+    return _conv(x.astype(dtype), kernel.astype(dtype), bias, s, pads, d, impl, dgrad, wgrad)
