@@ -61,10 +61,15 @@ def _horner(coefficients, s):
 def _tanh_rational(x):
     y = jnp.clip(x.astype(jnp.float32), -_CLAMP, _CLAMP)
     s = y * y
-    r = y * _horner(_P, s) / _horner(_Q, s)
-    # Rounding can put the quotient a few ulps above 1 near the clamp; tanh never is.
-    # (A select: a min/max here made XLA:CPU's fused loop 3x slower.)
-    return jnp.where(jnp.abs(r) > 1, jnp.sign(r), r).astype(x.dtype)
+    num = y * _horner(_P, s)
+    # Rounding can put num / Q a few ulps above 1 near the clamp; tanh never is.
+    # Bounded in the divisor (Q > 0): |num| > Q gives num / |num| = +-1 exactly,
+    # otherwise the same num / Q. Bounding the quotient afterwards read it more
+    # than once (a select on |r| > 1) or not at all vectorised (a min/max: the fused
+    # loop ran 3x slower); and XLA:CPU would not fuse the expensive divide into a
+    # select reading it three times, which cost an extra pass over every kept
+    # activation in training (NOTES.md, attempt 67).
+    return (num / jnp.maximum(_horner(_Q, s), jnp.abs(num))).astype(x.dtype)
 
 
 @_tanh_rational.defjvp
