@@ -555,6 +555,8 @@ def test_small_patch_rule_picks_col2im_and_im2col_on_cpu(monkeypatch):
     # One input channel (LeNet-5's conv1): the banded weight gradient.
     assert conv_module._pick_grads("auto", "auto", (5, 5, 1, 6)) == ("col2im", "banded")
     assert conv_module._pick_grads("auto", "auto", (5, 5, 2, 6)) == ("col2im", "stacked")
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 1, 16))[1] == "banded"
+    assert conv_module._pick_grads("auto", "auto", (3, 3, 1, 32))[1] == "stacked"
     # Zero padding: the stacked patch matrix loses to per-image gradients.
     assert conv_module._pick_grads("auto", "auto", (5, 5, 6, 16), ((2, 2), (2, 2))) == (
         "col2im", "per_image")

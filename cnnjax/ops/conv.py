@@ -158,11 +158,13 @@ STRIDED_INPUT_GRAD_IMPL_BY_BACKEND = {"cpu": "per_image", "gpu": "xla", "tpu": "
 # ("stacked", unpadded inputs only) and dL/dx as col2im of g W^T ("col2im"),
 # 1.5-2x faster there (NOTES.md). 0 = never.
 SMALL_PATCH_WIDTH_BY_BACKEND = {"cpu": 256, "gpu": 0, "tpu": 0}
-# Of those small unpadded layers, the ones over at most this many input channels
-# (LeNet-5's conv1, over one) take dL/dW in the "banded" form: whole input rows
-# against blocks of output columns, 2x faster than "stacked" there; LeNet-5's
-# conv2 (6 channels) measured 1.3x slower banded (NOTES.md, attempt 66).
-BANDED_MAX_CHANNELS_BY_BACKEND = {"cpu": 1}
+# Of those small unpadded layers, the ones with at most (C_in, K) input channels
+# and filters (LeNet-5's conv1: one channel, 6 filters) take dL/dW in the "banded"
+# form: input row segments against blocks of output columns, 2.3x faster than
+# "stacked" there, 1.1-1.6x for one channel and 8-20 filters (3x3, 5x5, 7x7);
+# from 32 filters (blocks of one or two columns) 1.1-1.2x slower, and LeNet-5's
+# conv2 (6 -> 16) 1.3x slower (NOTES.md, attempt 66).
+BANDED_MAX_CHANNELS_BY_BACKEND = {"cpu": (1, 24)}
 # Up to this patch width the forward pass is the direct sum of F_h F_w C_in
 # shifted, scaled copies of the input ("direct"), which XLA fuses into one loop
 # together with the bias, the activation and a small pool. Alone it is 9x
@@ -236,9 +238,9 @@ def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0)
     if weight_grad_impl == "auto":
         unpadded = all(p == (0, 0) for p in pads)
         min_c, max_rows = ROW_COL_CHANNELS_BY_BACKEND.get(backend, (None, None))
+        max_c, max_k = BANDED_MAX_CHANNELS_BY_BACKEND.get(backend, (0, 0))
         if small and unpadded:
-            weight_grad_impl = ("banded" if c <= BANDED_MAX_CHANNELS_BY_BACKEND.get(backend, 0)
-                                else "stacked")
+            weight_grad_impl = "banded" if c <= max_c and k <= max_k else "stacked"
         elif (min_c is not None and tuple(stride) == (1, 1) and c >= min_c
               and fw * k <= max_rows):
             weight_grad_impl = "row_col"
