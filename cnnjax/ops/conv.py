@@ -984,20 +984,19 @@ def _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=False):
     bw = _band_block(wo, k)
     nb = wo // bw
     bin_ = (bw - 1) * sw + (fw - 1) * dw + 1
-    need = (nb - 1) * bw * sw + bin_  # the input columns the blocks read (<= W_p)
     per_image = ho * nb * fh * bin_ * c * jnp.dtype(xp.dtype).itemsize
     size = max(1, _STACKED_CHUNK_BYTES // max(per_image, 1))
     total = None
     for i in range(0, n, size):
         xc = xp[i : i + size]
         m = xc.shape[0]
-        rows = jnp.stack([
-            lax.slice(xc, (0, a * dh, 0, 0), (m, a * dh + (ho - 1) * sh + 1, need, c),
-                      (1, sh, 1, 1))
-            for a in range(fh)], axis=2)  # (m, H_out, F_h, need, C)
-        rows = jnp.stack([rows[:, :, :, j * bw * sw : j * bw * sw + bin_] for j in range(nb)],
-                         axis=2)  # (m, H_out, nb, F_h, B_in, C)
-        rows = rows.reshape(-1, fh * bin_ * c)
+        # One stack of the F_h nb segments (XLA fuses it into one loop); built from
+        # the F_h row shifts first, it took two (LeNet-5's train step 2-8% slower).
+        rows = jnp.stack([jnp.stack([
+            lax.slice(xc, (0, a * dh, j * bw * sw, 0),
+                      (m, a * dh + (ho - 1) * sh + 1, j * bw * sw + bin_, c), (1, sh, 1, 1))
+            for a in range(fh)], axis=2) for j in range(nb)], axis=2)
+        rows = rows.reshape(-1, fh * bin_ * c)  # from (m, H_out, nb, F_h, B_in, C)
         if with_bias:
             rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
         term = _tn_dot(rows, g[i : i + size].reshape(-1, bw * k), acc)
