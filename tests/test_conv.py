@@ -596,14 +596,18 @@ def test_banded_weight_grad_against_numpy_loop():
     np.testing.assert_allclose(vjp(jnp.asarray(g))[1], ref, rtol=2e-5, atol=2e-4)
 
 
-@pytest.mark.parametrize("columns", [1, 5, 64, 1000])
+@pytest.mark.parametrize("columns,chunk_bytes", [(1, None), (5, 1), (64, None), (1000, 1)])
 @pytest.mark.parametrize("stride,padding,dilation", [
     (1, 0, 1), ((2, 3), ((2, 0), (1, 3)), (1, 2)), ((1, 2), 1, (3, 1)), (3, "SAME", 2)])
-def test_banded_gradients_in_blocks(x64, monkeypatch, columns, stride, padding, dilation):
+def test_banded_gradients_in_blocks(x64, monkeypatch, columns, chunk_bytes, stride, padding,
+                                    dilation):
     # Block widths from one column to whole rows (the budget B_w K picks a divisor
-    # of W_out), with strides, dilations and padding in both axes: dL/dx, dL/dw and
-    # dL/db (taken from the same product) against lax's autodiff.
+    # of W_out), with strides, dilations and padding in both axes, the batch in one
+    # chunk or one image per chunk: dL/dx, dL/dw and dL/db (taken from the same
+    # product) against lax's autodiff.
     monkeypatch.setattr(conv_module, "_BAND_MAX_COLUMNS", columns)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(conv_module, "_STACKED_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(31)
     x = jnp.asarray(rng.standard_normal((2, 13, 17, 2)))
     w = jnp.asarray(rng.standard_normal((3, 2, 2, 5)))
