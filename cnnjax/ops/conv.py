@@ -52,7 +52,8 @@ flipped filters"), with ``g = dL/dy``:
   as XLA's convolution per batch chunk (``input_grad_impl="per_image"``), which
   the CPU takes for strided filters; or in the banded form (``"banded"``): g
   times the transposed band, the row segments added back.
-* ``dL/db[k] = sum_{n, i, j} g[n, i, j, k]``.
+* ``dL/db[k] = sum_{n, i, j} g[n, i, j, k]`` (the bias is part of the VJP: the
+  banded form takes it from its own product, the others sum ``g``).
 
 A filter that covers the whole unpadded input (output ``1 x 1``) is a dense
 layer, ``y = x_flat W_flat``, and is computed as one matrix product forward and
@@ -224,9 +225,10 @@ def _pick_grads(input_grad_impl, weight_grad_impl, w_shape, pads=((0, 0), (0, 0)
 
     The stacked weight gradient is only picked for unpadded inputs: with zero
     padding its patch rows are slices of a padded, channel-major copy, and it
-    measured 1.4-6x slower than "per_image" (NOTES.md, attempt 18). Other
-    stride-1 filters over many input channels take "row_col" where
-    ``ROW_COL_CHANNELS_BY_BACKEND`` says so.
+    measured 1.4-6x slower than "per_image" (NOTES.md, attempt 18); those over a
+    single input channel and few filters take "banded"
+    (``BANDED_MAX_CHANNELS_BY_BACKEND``). Other stride-1 filters over many
+    input channels take "row_col" where ``ROW_COL_CHANNELS_BY_BACKEND`` says so.
     """
     fh, fw, c, k = w_shape
     backend = jax.default_backend()
