@@ -133,6 +133,11 @@ def test_avg_pool_sums_small_windows_as_slices_on_cpu(monkeypatch):
     assert "reduce_window" in str(jax.make_jaxpr(lambda v: avg_pool(v, 5, 1))(x))
     grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(avg_pool(v, 2) ** 2)))(x))
     assert "reduce_window" in grad_jaxpr
+    # There the primal of an unpadded input is summed over rows by a reduce_window on
+    # the (N, H, W C) view, then over columns by slices; padded, by one reduce_window.
+    assert "window_dimensions=(1, 2, 1)" in grad_jaxpr
+    padded = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(avg_pool(v, 2, 2, 1) ** 2)))(x))
+    assert "window_dimensions=(1, 2, 1)" not in padded
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert "reduce_window" in str(jax.make_jaxpr(lambda v: avg_pool(v, 2))(x))
 

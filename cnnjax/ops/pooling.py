@@ -150,16 +150,42 @@ def _slice_sum(x, dims, strides, pads):
     return total
 
 
+def _rows_then_columns_sum(x, dims, strides):
+    """The window sum of an unpadded x: over F_h rows by a reduce_window on the
+    (N, H, W C) view, whose rows are contiguous, then over F_w columns by strided
+    slices of that."""
+    n, h, w, c = x.shape
+    (fh, fw), (sh, sw) = dims[1:3], strides[1:3]
+    rows = lax.reduce_window(x.reshape(n, h, w * c), np.zeros((), x.dtype), lax.add,
+                             (1, fh, 1), (1, sh, 1), "VALID")
+    rows = rows.reshape(n, rows.shape[1], w, c)
+    wo = (w - fw) // sw + 1
+    total = None
+    for b in range(fw):
+        term = lax.slice(rows, (0, 0, b, 0), (n, rows.shape[1], b + (wo - 1) * sw + 1, c),
+                         (1, 1, sw, 1))
+        total = term if total is None else total + term
+    return total
+
+
 @_slice_sum.defjvp
 def _slice_sum_jvp(dims, strides, pads, primals, tangents):
-    # Under differentiation the sum is taken by reduce_window, of the primal and
-    # of the tangent: the backward pass is then its transpose (a pad and a
-    # reduce_window). The sliced form's transpose (F_h F_w interior pads, fused
-    # with the layer's activation derivative) made LeNet-5's train step 3x
-    # slower on XLA:CPU, and a sliced primal was fused twice (into the pool and
-    # into the saved activation), 10% slower.
+    # Under differentiation the tangent's sum is a reduce_window: the backward pass
+    # is then its transpose (a pad and a reduce_window). The sliced form's
+    # transpose (F_h F_w interior pads, fused with the layer's activation
+    # derivative) made LeNet-5's train step 3x slower on XLA:CPU. The primal is
+    # not a sliced sum either: XLA fuses cheap producers into every consumer, and
+    # the pooled map's consumers (the next layer's shifted patch rows) would each
+    # recompute it from the kept activation (10% slower). A reduce_window is
+    # computed once, but XLA:CPU's YNNPACK takes 0.55 ms of LeNet-5's 6 ms step
+    # over pool1 (NOTES.md, attempt 70); over rows only, on the (N, H, W C) view,
+    # it takes 0.13, and the F_w column sums of that are cheap to repeat.
     (x,), (t,) = primals, tangents
-    return _reduce_window_sum(x, dims, strides, pads), _reduce_window_sum(t, dims, strides, pads)
+    if all(p == (0, 0) for p in pads):
+        y = _rows_then_columns_sum(x, dims, strides)
+    else:
+        y = _reduce_window_sum(x, dims, strides, pads)
+    return y, _reduce_window_sum(t, dims, strides, pads)
 
 
 def avg_pool(
