@@ -963,7 +963,7 @@ def _band_selection(fw, bin_, bw, s, d, dtype):
 
 
 def _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=False):
-    """dL/dw from blocks of whole input rows against blocks of output columns.
+    """dL/dw from segments of input rows against blocks of output columns.
 
     Along the width a convolution is a product with a banded (Toeplitz) matrix.
     Split the output columns into blocks of B_w; block j reads the B_in = (B_w - 1)
@@ -1004,11 +1004,11 @@ def _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=False):
         term = _tn_dot(rows, g[i : i + size].reshape(-1, bw * k), acc)
         total = term if total is None else total + term
     sel = jnp.asarray(_band_selection(fw, bin_, bw, sw, dw, jnp.dtype(acc)))
-    dw_ = jnp.einsum("aucjk,buj->abck", total[: fh * bin_ * c].reshape(fh, bin_, c, bw, k), sel,
-                     preferred_element_type=acc)
+    grad = jnp.einsum("aucjk,buj->abck", total[: fh * bin_ * c].reshape(fh, bin_, c, bw, k),
+                      sel, preferred_element_type=acc)
     if with_bias:
-        return dw_, total[-1].reshape(bw, k).sum(0)
-    return dw_
+        return grad, total[-1].reshape(bw, k).sum(0)
+    return grad
 
 
 def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
