@@ -209,11 +209,12 @@ def test_vjp_each_impl_matches_lax_autodiff(x64, stride, padding, dilation, dila
     _check_vjp_against_lax(stride, padding, dilation, [(dilation_impl, weight_grad_impl)])
 
 
-@pytest.mark.parametrize("forward_impl", ["xla", "direct", "per_image"])
+@pytest.mark.parametrize("forward_impl", ["xla", "direct", "per_image", "banded"])
 @pytest.mark.parametrize("stride,padding,dilation", GRID)
 def test_forward_impls_match_numpy_loop(x64, monkeypatch, stride, padding, dilation,
                                         forward_impl):
     monkeypatch.setattr(conv_module, "_CHUNK_BYTES", 1)  # per_image: one image per chunk
+    monkeypatch.setattr(conv_module, "_STACKED_CHUNK_BYTES", 1)  # banded: the same
     _check_forward_against_numpy(19, (2, 9, 8, 2), (2, 3, 2, 3), stride, padding, dilation,
                                  forward_impl=forward_impl)
 
@@ -227,6 +228,48 @@ def _check_bfloat16_computed_in_float32(seed, x_shape, w_shape, w_scale, forward
     assert y.dtype == jnp.bfloat16
     ref = conv_lax(x.astype(jnp.float32), w.astype(jnp.float32), 1, padding, 1)
     np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("columns", [1, 4, 1000])
+def test_banded_forward_in_blocks(x64, monkeypatch, columns):
+    # Blocks of one column to whole rows (12 output columns: B_w 1, 2 or 12 for 2
+    # filters), with the VJP of the layer against lax's autodiff.
+    monkeypatch.setattr(conv_module, "_BAND_MAX_COLUMNS", columns)
+    rng = np.random.default_rng(33)
+    x = jnp.asarray(rng.standard_normal((3, 9, 16, 3)))
+    w = jnp.asarray(rng.standard_normal((3, 5, 3, 2)))
+    f = functools.partial(conv2d, forward_impl="banded")
+    y, vjp = jax.vjp(f, x, w)
+    ref, ref_vjp = jax.vjp(lambda x, w: conv_lax(x, w), x, w)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_banded_forward_rule(monkeypatch):
+    # On the CPU: small unpadded stride-1 layers with 5-wide filters whose blocks hold
+    # two or more columns (LeNet-5's conv2); not 3x3 filters, padding, a stride, one
+    # column per block, or another backend. Without the output width nothing changes.
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    unpadded, padded = ((0, 0), (0, 0)), ((2, 2), (2, 2))
+    pick = conv_module._pick_forward
+    assert pick("auto", (5, 5, 6, 16), pads=unpadded, out_w=10) == "banded"
+    assert pick("auto", (5, 5, 6, 16)) == "xla"
+    assert pick("auto", (3, 3, 8, 16), pads=unpadded, out_w=28) == "xla"
+    assert pick("auto", (5, 5, 6, 16), pads=padded, out_w=14) == "xla"
+    assert pick("auto", (5, 5, 6, 16), (2, 2), pads=unpadded, out_w=5) == "xla"
+    assert pick("auto", (5, 5, 6, 64), pads=unpadded, out_w=10) == "xla"
+    assert pick("auto", (5, 5, 1, 6), pads=unpadded, out_w=28) == "direct"
+    x, w = jnp.ones((2, 14, 14, 6)), jnp.ones((5, 5, 6, 16))
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(conv2d)(x, w))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert pick("auto", (5, 5, 6, 16), pads=unpadded, out_w=10) == "xla"
+
+
+def test_banded_forward_accumulates_bfloat16_in_float32():
+    _check_bfloat16_computed_in_float32(21, (2, 14, 14, 6), (5, 5, 6, 16), 4, "banded", 2**-7,
+                                        padding=0)
 
 
 def test_direct_forward_accumulates_bfloat16_in_float32():

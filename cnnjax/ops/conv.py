@@ -114,6 +114,7 @@ __all__ = [
     "STRIDED_INPUT_GRAD_IMPL_BY_BACKEND",
     "SMALL_PATCH_WIDTH_BY_BACKEND",
     "BANDED_MAX_CHANNELS_BY_BACKEND",
+    "BANDED_FORWARD_MIN_WIDTH_BY_BACKEND",
     "DIRECT_PATCH_WIDTH_BY_BACKEND",
     "STRIDED_INPUT_CHANNELS_BY_BACKEND",
     "WINOGRAD_MIN_CHANNELS_BY_BACKEND",
@@ -166,6 +167,14 @@ SMALL_PATCH_WIDTH_BY_BACKEND = {"cpu": 256, "gpu": 0, "tpu": 0}
 # from 32 filters (blocks of one or two columns) 1.1-1.2x slower, and LeNet-5's
 # conv2 (6 -> 16) 1.3x slower (NOTES.md, attempt 66).
 BANDED_MAX_CHANNELS_BY_BACKEND = {"cpu": (1, 24)}
+# Small unpadded stride-1 layers (patch width up to SMALL_PATCH_WIDTH_BY_BACKEND,
+# beyond the direct form's) with filters at least this wide, whose banded blocks
+# hold two or more output columns, take the forward pass in the banded form: input
+# row segments times the filter's band, one product. LeNet-5's conv2 (5x5, 6 ->
+# 16, blocks of 2 columns): alone 0.79 -> 0.61 ms, train step x0.96, inference
+# x0.92; a 5x5 6 -> 8 layer 0.58 -> 0.43; but 3x3 filters 1.2x slower and blocks
+# of one column (im2col) x1.12 (NOTES.md, attempt 72). Absent = never.
+BANDED_FORWARD_MIN_WIDTH_BY_BACKEND = {"cpu": 5}
 # Up to this patch width the forward pass is the direct sum of F_h F_w C_in
 # shifted, scaled copies of the input ("direct"), which XLA fuses into one loop
 # together with the bias, the activation and a small pool. Alone it is 9x
@@ -200,7 +209,7 @@ STRIDED_INPUT_CHANNELS_BY_BACKEND = {"cpu": 4, "gpu": 0, "tpu": 0}
 WINOGRAD_MIN_CHANNELS_BY_BACKEND = {"cpu": {3: 96, 5: 32}}
 
 _IMPLS = ("auto", "native", "space_to_batch")
-_FWD_IMPLS = ("auto", "xla", "direct", "per_image", "winograd")
+_FWD_IMPLS = ("auto", "xla", "direct", "banded", "per_image", "winograd")
 _WGRAD_IMPLS = ("auto", "per_image", "row_col", "banded", "im2col", "stacked", "offsets",
                 "xla")
 _DGRAD_IMPLS = ("auto", "xla", "per_image", "col2im", "banded")
@@ -257,16 +266,23 @@ def _winograd_fits(w_shape, stride, dilation) -> bool:
 
 
 def _pick_forward(forward_impl, w_shape, stride=(1, 1), dilation=(1, 1), dtype=jnp.float32,
-                  grads_auto=True):
+                  grads_auto=True, pads=None, out_w=None):
     """The forward formulation "auto" stands for. Winograd's form brings its own
     backward, so it is only picked when the gradient formulations are left to
-    "auto" as well (``grads_auto``)."""
+    "auto" as well (``grads_auto``). The banded form needs the padding and the
+    output width (``pads``, ``out_w``) to be picked."""
     if forward_impl != "auto":
         return forward_impl
-    fh, fw, c, _ = w_shape
+    fh, fw, c, k = w_shape
     backend = jax.default_backend()
     if fh * fw * c <= DIRECT_PATCH_WIDTH_BY_BACKEND.get(backend, 0):
         return "direct"
+    min_width = BANDED_FORWARD_MIN_WIDTH_BY_BACKEND.get(backend)
+    if (min_width is not None and out_w is not None and pads is not None
+            and fh * fw * c <= SMALL_PATCH_WIDTH_BY_BACKEND.get(backend, 0)
+            and all(p == (0, 0) for p in pads) and tuple(stride) == (1, 1)
+            and tuple(dilation) == (1, 1) and fw >= min_width and _band_block(out_w, k) >= 2):
+        return "banded"
     min_channels = WINOGRAD_MIN_CHANNELS_BY_BACKEND.get(backend, {}).get(fh)
     if (grads_auto and min_channels is not None and c >= min_channels
             and jnp.dtype(dtype) == jnp.float32 and _winograd_fits(w_shape, stride, dilation)):
@@ -574,6 +590,8 @@ def _forward(x, w, stride, pads, dilation, impl):
         return _forward_per_image(x, w, stride, pads, dilation)
     if impl == "direct":
         return _direct_conv(x, w, stride, pads, dilation)
+    if impl == "banded":
+        return _banded_conv(x, w, stride, pads, dilation)
     if impl == "space_to_batch" and stride == (1, 1) and dilation != (1, 1):
         return _space_to_batch_conv(x, w, pads, dilation)
     return _native_conv(x, w, stride, pads, dilation)
@@ -623,8 +641,7 @@ def _input_grad_banded(g, w, x_hw, stride, pads, dilation):
     nb = wo // bw
     bin_ = (bw - 1) * sw + (fw - 1) * dw + 1
     step = bw * sw
-    sel = jnp.asarray(_band_selection(fw, bin_, bw, sw, dw, jnp.dtype(w.dtype)))
-    band = jnp.einsum("abck,buj->aucjk", w, sel).reshape(fh * bin_ * c, bw * k)
+    band = _band_matrix(w, bin_, bw, sw, dw)
     segs = lax.dot_general(g.reshape(-1, bw * k), band, (((1,), (1,)), ((), ())))
     segs = segs.reshape(n, ho, nb, fh, bin_, c)
     pieces = -(-bin_ // step)
@@ -962,6 +979,50 @@ def _band_selection(fw, bin_, bw, s, d, dtype):
     return sel
 
 
+def _band_matrix(w, bin_, bw, s, d):
+    """The filter's band for blocks of B_w output columns, ``(F_h B_in C_in, B_w K)``:
+    entry ((a, u, c), (j, k)) is w[a, b, c, k] where u = j S + b D, else 0."""
+    fh, fw, c, k = w.shape
+    sel = jnp.asarray(_band_selection(fw, bin_, bw, s, d, jnp.dtype(w.dtype)))
+    return jnp.einsum("abck,buj->aucjk", w, sel).reshape(fh * bin_ * c, bw * k)
+
+
+def _band_rows(xp, ho, fh, nb, bw, bin_, stride, dilation):
+    """Row (n, i, j) of R: for each filter row a, the B_in columns from j B_w S_w on
+    of input row i S_h + a D_h; ``(N H_out nb, F_h B_in C)``. One stack of the F_h
+    nb segments, which XLA fuses into one loop (built from the F_h row shifts first,
+    it took two: LeNet-5's train step 2-8% slower)."""
+    (sh, sw), dh = stride, dilation[0]
+    m, c = xp.shape[0], xp.shape[3]
+    rows = jnp.stack([jnp.stack([
+        lax.slice(xp, (0, a * dh, j * bw * sw, 0),
+                  (m, a * dh + (ho - 1) * sh + 1, j * bw * sw + bin_, c), (1, sh, 1, 1))
+        for a in range(fh)], axis=2) for j in range(nb)], axis=2)
+    return rows.reshape(-1, fh * bin_ * c)  # from (m, H_out, nb, F_h, B_in, C)
+
+
+def _banded_conv(x, w, stride, pads, dilation):
+    """The forward pass in the banded form: ``R`` (see :func:`_weight_grad_banded`)
+    times the filter's band, ``(N H_out W_out / B_w, F_h B_in C_in) x (F_h B_in
+    C_in, B_w K)``, in batch chunks of about _STACKED_CHUNK_BYTES of R."""
+    fh, fw, c, k = w.shape
+    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
+    ho, wo = conv_output_hw(x.shape[1:3], (fh, fw), stride, pads, dilation, exact=False)
+    bw = _band_block(wo, k)
+    nb = wo // bw
+    bin_ = (bw - 1) * stride[1] + (fw - 1) * dilation[1] + 1
+    band = _band_matrix(w, bin_, bw, stride[1], dilation[1])
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+
+    def block(xc):
+        rows = _band_rows(xc, ho, fh, nb, bw, bin_, stride, dilation)
+        y = lax.dot(rows, band, preferred_element_type=acc)
+        return y.reshape(xc.shape[0], ho, wo, k).astype(x.dtype)
+
+    per_image = ho * nb * fh * bin_ * c * jnp.dtype(x.dtype).itemsize
+    return _in_batch_chunks(block, xp, max(1, _STACKED_CHUNK_BYTES // max(per_image, 1)))
+
+
 def _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=False):
     """dL/dw from segments of input rows against blocks of output columns.
 
@@ -981,7 +1042,7 @@ def _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=False):
     ``(dL/dw, dL/db)`` is returned.
     """
     fh, fw, c, k = w_shape
-    (sh, sw), (dh, dw) = stride, dilation
+    sw, dw = stride[1], dilation[1]
     n, ho, wo, _ = g.shape
     bw = _band_block(wo, k)
     nb = wo // bw
@@ -990,15 +1051,7 @@ def _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=False):
     size = max(1, _STACKED_CHUNK_BYTES // max(per_image, 1))
     total = None
     for i in range(0, n, size):
-        xc = xp[i : i + size]
-        m = xc.shape[0]
-        # One stack of the F_h nb segments (XLA fuses it into one loop); built from
-        # the F_h row shifts first, it took two (LeNet-5's train step 2-8% slower).
-        rows = jnp.stack([jnp.stack([
-            lax.slice(xc, (0, a * dh, j * bw * sw, 0),
-                      (m, a * dh + (ho - 1) * sh + 1, j * bw * sw + bin_, c), (1, sh, 1, 1))
-            for a in range(fh)], axis=2) for j in range(nb)], axis=2)
-        rows = rows.reshape(-1, fh * bin_ * c)  # from (m, H_out, nb, F_h, B_in, C)
+        rows = _band_rows(xp[i : i + size], ho, fh, nb, bw, bin_, stride, dilation)
         if with_bias:
             rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
         term = _tn_dot(rows, g[i : i + size].reshape(-1, bw * k), acc)
@@ -1192,8 +1245,10 @@ def conv2d(
     dtype = compute_dtype(x, kernel)
     if _is_full_window(x.shape[1:3], fhw, pads, d):
         impl = "dense"
-    elif (forward := _pick_forward(forward_impl, kernel.shape, s, d, dtype, grads_auto=(
-            input_grad_impl, weight_grad_impl) == ("auto", "auto"))) != "xla":
+    elif (forward := _pick_forward(
+            forward_impl, kernel.shape, s, d, dtype,
+            grads_auto=(input_grad_impl, weight_grad_impl) == ("auto", "auto"), pads=pads,
+            out_w=conv_output_hw(x.shape[1:3], fhw, s, pads, d, exact=False)[1])) != "xla":
         if forward == "winograd" and not _winograd_fits(kernel.shape, s, d):
             raise ValueError(
                 f"conv2d: forward_impl='winograd' needs a 3x3 or 5x5 filter at stride 1 and "
