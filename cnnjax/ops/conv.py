@@ -61,8 +61,10 @@ backward. The forward pass itself can also be the direct sum of ``F_h F_w
 C_in`` shifted copies of ``x`` times a filter row (``forward_impl="direct"``,
 picked on the CPU for patch widths up to 25, such as LeNet-5's conv1, where XLA
 fuses it with the bias, :func:`cnnjax.ops.tanh` and a small average pool into
-one loop) or XLA's convolution per batch chunk (``"per_image"``, picked on the
-CPU for a strided filter over an RGB image, such as AlexNet's conv1).
+one loop), XLA's convolution per batch chunk (``"per_image"``, picked on the
+CPU for a strided filter over an RGB image, such as AlexNet's conv1) or the banded
+product, the input row segments times the filter's band (``"banded"``, picked on
+the CPU for small unpadded layers with 5-wide filters, such as LeNet-5's conv2).
 
 A 3x3 or 5x5 filter at stride 1 can take Winograd's minimal filtering
 F(2x2, 3x3) or F(2x2, 5x5) (``forward_impl="winograd"``, picked on the CPU
@@ -1174,11 +1176,13 @@ def conv2d(
         ``BANDED_MAX_CHANNELS_BY_BACKEND``.
       forward_impl: "auto", "xla" (XLA's convolution, dilated per ``dilation_impl``),
         "direct" (the sum of F_h F_w C_in shifted copies of x times a filter row, for
-        filters with a small patch width; see ``DIRECT_PATCH_WIDTH_BY_BACKEND``) or
+        filters with a small patch width; see ``DIRECT_PATCH_WIDTH_BY_BACKEND``),
         "per_image" (XLA's convolution per cache-sized batch chunk; "auto" picks it
-        for strided filters over few channels, ``STRIDED_INPUT_CHANNELS_BY_BACKEND``)
-        or "winograd" (Winograd's F(2x2, 3x3) or F(2x2, 5x5), forward and backward:
-        3x3 and 5x5 filters at stride 1 and dilation 1 only; its backward is in the
+        for strided filters over few channels, ``STRIDED_INPUT_CHANNELS_BY_BACKEND``),
+        "banded" (input row segments times the filter's band, one matrix product;
+        "auto" picks it per ``BANDED_FORWARD_MIN_WIDTH_BY_BACKEND``) or "winograd"
+        (Winograd's F(2x2, 3x3) or F(2x2, 5x5), forward and backward: 3x3 and 5x5
+        filters at stride 1 and dilation 1 only; its backward is in the
         same form, so ``input_grad_impl`` and ``weight_grad_impl`` do not apply;
         "auto" picks it for many float32 input channels,
         ``WINOGRAD_MIN_CHANNELS_BY_BACKEND``, when both of those are "auto").
