@@ -92,10 +92,12 @@ def test_frozen_base_gets_no_gradient_and_no_backward_pass():
     assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(grads["lenet5"]))
     assert float(jnp.abs(grads["dense_1"]["kernel"]).sum()) > 0
     # conv1 and conv2 forward only (conv3's 5x5 filter covers its 5x5 input: a matrix
-    # product; where the backend takes conv1's 25 columns as a direct sum, it is no
-    # convolution either)
+    # product; where the backend takes conv1's 25 columns as a direct sum, or conv2
+    # as the banded product, that layer is no convolution either)
     direct = conv_module._pick_forward("auto", (5, 5, 1, 6)) == "direct"
-    assert n_frozen == (1 if direct else 2)
+    banded = conv_module._pick_forward("auto", (5, 5, 6, 16), pads=((0, 0), (0, 0)),
+                                       out_w=10) == "banded"
+    assert n_frozen == (0 if direct else 1) + (0 if banded else 1)
     _, n_all, dots_all = convs("none")
     # Trained, the base adds its weight and input gradients (on CPU small layers
     # take them as matrix products, elsewhere as convolutions).
