@@ -639,9 +639,7 @@ def _input_grad_banded(g, w, x_hw, stride, pads, dilation):
     fh, fw, c, k = w.shape
     (sh, sw), (dh, dw) = stride, dilation
     n, ho, wo, _ = g.shape
-    bw = _band_block(wo, k)
-    nb = wo // bw
-    bin_ = (bw - 1) * sw + (fw - 1) * dw + 1
+    bw, nb, bin_ = _band_geometry(wo, k, fw, sw, dw)
     step = bw * sw
     band = _band_matrix(w, bin_, bw, sw, dw)
     segs = lax.dot_general(g.reshape(-1, bw * k), band, (((1,), (1,)), ((), ())))
@@ -973,6 +971,12 @@ def _band_block(wo: int, k: int) -> int:
                if wo % d == 0 and (d * k <= _BAND_MAX_COLUMNS or d == 1))
 
 
+def _band_geometry(wo, k, fw, s, d):
+    """(B_w, nb, B_in): columns per block, blocks per output row, input columns per block."""
+    bw = _band_block(wo, k)
+    return bw, wo // bw, (bw - 1) * s + (fw - 1) * d + 1
+
+
 def _band_selection(fw, bin_, bw, s, d, dtype):
     """The 0/1 tensor (F_w, B_in, B_w) that is 1 where input column u = j S + b D."""
     sel = np.zeros((fw, bin_, bw), dtype)
@@ -1010,9 +1014,7 @@ def _banded_conv(x, w, stride, pads, dilation):
     fh, fw, c, k = w.shape
     acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
     ho, wo = conv_output_hw(x.shape[1:3], (fh, fw), stride, pads, dilation, exact=False)
-    bw = _band_block(wo, k)
-    nb = wo // bw
-    bin_ = (bw - 1) * stride[1] + (fw - 1) * dilation[1] + 1
+    bw, nb, bin_ = _band_geometry(wo, k, fw, stride[1], dilation[1])
     band = _band_matrix(w, bin_, bw, stride[1], dilation[1])
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
 
@@ -1046,9 +1048,7 @@ def _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=False):
     fh, fw, c, k = w_shape
     sw, dw = stride[1], dilation[1]
     n, ho, wo, _ = g.shape
-    bw = _band_block(wo, k)
-    nb = wo // bw
-    bin_ = (bw - 1) * sw + (fw - 1) * dw + 1
+    bw, nb, bin_ = _band_geometry(wo, k, fw, sw, dw)
     per_image = ho * nb * fh * bin_ * c * jnp.dtype(xp.dtype).itemsize
     size = max(1, _STACKED_CHUNK_BYTES // max(per_image, 1))
     total = None
@@ -1102,16 +1102,21 @@ def _weight_grad(x, g, w_shape, stride, pads, dilation, impl):
     return jnp.stack([_tn_dot(wd.reshape(-1, c), g2, acc) for wd in windows]).reshape(fh, fw, c, k)
 
 
+def _bias_grad(g):
+    """dL/db = sum of g over N, H, W (accumulated in float32 for narrower floats)."""
+    acc = jnp.float32 if jnp.dtype(g.dtype).itemsize < 4 else g.dtype
+    return jnp.sum(g, axis=(0, 1, 2), dtype=acc)
+
+
 def _weight_and_bias_grad(x, g, w_shape, stride, pads, dilation, impl):
     """(dL/dw, dL/db). The banded form takes dL/db = sum g from its own product (a
     column of ones in its rows), where a separate sum over g was a pass of its own
     (LeNet-5's conv1); the others sum g."""
-    acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
     if impl == "banded":
+        acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else x.dtype
         xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
         return _weight_grad_banded(xp, g, w_shape, stride, dilation, acc, with_bias=True)
-    dw = _weight_grad(x, g, w_shape, stride, pads, dilation, impl)
-    return dw, jnp.sum(g, axis=(0, 1, 2), dtype=acc)
+    return _weight_grad(x, g, w_shape, stride, pads, dilation, impl), _bias_grad(g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
@@ -1129,8 +1134,7 @@ def _conv_bwd(stride, pads, dilation, impl, dgrad_impl, wgrad_impl, residuals, g
     wgrad_impl = "dense" if impl == "dense" else wgrad_impl
     if impl == "winograd":
         dx, dw = _winograd_grads(x, w, g, pads)  # in x's and w's dtypes
-        acc = jnp.float32 if jnp.dtype(g.dtype).itemsize < 4 else g.dtype
-        db = None if b is None else jnp.sum(g, axis=(0, 1, 2), dtype=acc)
+        db = None if b is None else _bias_grad(g)
     else:
         dx = _input_grad(g, w, x.shape[1:3], stride, pads, dilation, impl, dgrad_impl)
         if b is None:

@@ -18,6 +18,7 @@ with zeros, which add nothing to the sum of squares.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -159,13 +160,8 @@ def _rows_then_columns_sum(x, dims, strides):
     rows = lax.reduce_window(x.reshape(n, h, w * c), np.zeros((), x.dtype), lax.add,
                              (1, fh, 1), (1, sh, 1), "VALID")
     rows = rows.reshape(n, rows.shape[1], w, c)
-    wo = (w - fw) // sw + 1
-    total = None
-    for b in range(fw):
-        term = lax.slice(rows, (0, 0, b, 0), (n, rows.shape[1], b + (wo - 1) * sw + 1, c),
-                         (1, 1, sw, 1))
-        total = term if total is None else total + term
-    return total
+    columns = offset_windows(rows, (rows.shape[1], (w - fw) // sw + 1), (1, fw), (1, sw), (1, 1))
+    return functools.reduce(operator.add, columns)
 
 
 @_slice_sum.defjvp
