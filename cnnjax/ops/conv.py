@@ -605,25 +605,32 @@ def _input_grad_col2im(g, w, x_hw, stride, pads, dilation):
     ``G = g W^T`` (shape ``(N H_out W_out, F_h F_w C)``) holds, per output pixel and
     filter offset ``(a, b)``, the gradient of the input cell that offset read:
     ``x[i S_h + a D_h - P_top, j S_w + b D_w - P_left]``. Each offset's slice of
-    ``G`` is spread back onto the input grid by one ``lax.pad`` (interior padding
-    S - 1, edge padding that may be negative, which crops cells that were padding)
-    and the F_h F_w results are summed; XLA fuses the pads and the sum.
+    ``G`` is spread back onto the input grid by ``lax.pad`` (interior padding S - 1,
+    edge padding that may be negative, which crops cells that were padding): first
+    along the width, the F_w slices of one filter row summed, then each of the F_h
+    row sums along the height. XLA fuses it all into one loop; nested so, the
+    loop checks the row bounds F_h times per cell instead of F_h F_w times
+    (LeNet-5's conv2: col2im 0.65 -> 0.42 ms, train step x0.95; NOTES.md, attempt 73).
     """
     fh, fw, c, k = w.shape
     n, ho, wo, _ = g.shape
     cols = jnp.dot(g.reshape(-1, k), w.reshape(-1, k).T).reshape(n, ho, wo, fh, fw, c)
     zero = jnp.zeros((), g.dtype)
+
+    def edges(axis, offset):  # lax.pad's (low, high, interior) for one filter offset
+        start = offset * dilation[axis] - pads[axis][0]  # input index read by output 0
+        out = (ho, wo)[axis]
+        return (start, x_hw[axis] - start - (out - 1) * stride[axis] - 1, stride[axis] - 1)
+
     dx = None
     for a in range(fh):
+        row = None
         for b in range(fw):
-            edges = []
-            for size, off, s, (lo, _), out in zip(
-                x_hw, (a * dilation[0], b * dilation[1]), stride, pads, (ho, wo), strict=True
-            ):
-                start = off - lo  # input index read by output 0 at this offset
-                edges.append((start, size - start - (out - 1) * s - 1, s - 1))
-            term = lax.pad(cols[:, :, :, a, b, :], zero, ((0, 0, 0), *edges, (0, 0, 0)))
-            dx = term if dx is None else dx + term
+            term = lax.pad(cols[:, :, :, a, b, :], zero,
+                           ((0, 0, 0), (0, 0, 0), edges(1, b), (0, 0, 0)))
+            row = term if row is None else row + term
+        term = lax.pad(row, zero, ((0, 0, 0), edges(0, a), (0, 0, 0), (0, 0, 0)))
+        dx = term if dx is None else dx + term
     return dx
 
 
