@@ -771,19 +771,18 @@ class _StopRequests:
 
 
 def _check_finite(metrics: dict, step: int, last_saved: int, checkpoint_dir: str) -> None:
-    """Raises NonFiniteLossError if the loss, a gradient or a parameter of ``step`` is
-    NaN/Inf. Runs before every save, so no checkpoint holds non-finite values."""
+    """Raises NonFiniteLossError if the loss or a parameter of ``step`` is NaN/Inf (a
+    NaN/Inf gradient always makes its parameter so). Runs before every save, so no
+    checkpoint holds non-finite values."""
     loss = float(metrics["loss_sum"])
-    bad_grads = int(metrics.get("nonfinite_grads", 0))
     bad_params = int(metrics.get("nonfinite_params", 0))
-    if math.isfinite(loss) and not bad_grads and not bad_params:
+    if math.isfinite(loss) and not bad_params:
         return
     if not math.isfinite(loss):
         what = f"the training loss became {loss}"
-    elif bad_grads:
-        what = f"{bad_grads} gradient values became NaN/Inf (the loss was finite)"
     else:
-        what = f"{bad_params} parameters became NaN/Inf after the update"
+        what = (f"{bad_params} parameters became NaN/Inf after the update (the loss was "
+                "finite: a gradient was NaN/Inf or the update overflowed)")
     kept = (f"the last checkpoint (step {last_saved}) in {checkpoint_dir} is left as it was"
             if last_saved >= 0 else "no checkpoint was written")
     raise NonFiniteLossError(f"{what} at step {step}; {kept}; lower --config.learning_rate "
