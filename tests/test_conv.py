@@ -742,7 +742,8 @@ def test_row_col_weight_grad_in_blocks(x64, monkeypatch, stride, padding, dilati
     # The block budget decides the split: the whole batch in one block (2048); 13
     # output rows in blocks of 3 plus a remainder of 1 (30), or 7 rows at stride 2 in
     # blocks of 4 plus 3 (40), each remainder taken for the whole batch at once;
-    # one-row blocks. Strides and dilations in both axes, asymmetric padding.
+    # one-row blocks. Strides and dilations in both axes, asymmetric padding. The loop
+    # takes two blocks per trip: 12 blocks, and odd counts (3, 9, 39) with one left.
     monkeypatch.setattr(conv_module, "_ROW_COL_BLOCK_PIXELS", pixels)
     _check_weight_grad("row_col", (3, 13, 6, 2), (3, 2, 2, 4), stride, padding, dilation, 23)
 
