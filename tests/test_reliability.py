@@ -366,7 +366,7 @@ def test_every_optimizer_carries_a_non_finite_gradient_into_the_parameters(
 
 def test_the_train_steps_guard_reads_the_updated_parameters_and_no_gradient():
     # A conditional that took the gradients (to count their non-finite values) kept
-    # them all alive to the end of the program: VGG-16's train step 3-7% slower.
+    # them all alive to the end of the program: VGG-16's train step 4-7% slower.
     from cnnjax import bench
     _, steps, state, batch, _, _ = bench._build("lenet5", 8, "float32", 0)
     traced = steps.train_step.trace(state, batch)

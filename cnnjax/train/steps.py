@@ -128,7 +128,7 @@ class Steps:
             # one pass over the updated parameters flags both (NOTES.md attempt 55). The
             # gradients are not read at all: a lax.cond that took them to count their
             # non-finite values when this trips kept every gradient alive to the end of
-            # the program, 100 MB more of temporaries for VGG-16 and its train step 3-7%
+            # the program, 100 MB more of temporaries for VGG-16 and its train step 4-7%
             # slower on the CPU (attempt 75).
             bad = has_nonfinite(params)
             metrics["nonfinite_params"] = count_nonfinite_if(bad, params)
