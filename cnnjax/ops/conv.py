@@ -616,22 +616,25 @@ def _input_grad_col2im(g, w, x_hw, stride, pads, dilation):
     n, ho, wo, _ = g.shape
     cols = jnp.dot(g.reshape(-1, k), w.reshape(-1, k).T).reshape(n, ho, wo, fh, fw, c)
     zero = jnp.zeros((), g.dtype)
-
-    def edges(axis, offset):  # lax.pad's (low, high, interior) for one filter offset
-        start = offset * dilation[axis] - pads[axis][0]  # input index read by output 0
-        out = (ho, wo)[axis]
-        return (start, x_hw[axis] - start - (out - 1) * stride[axis] - 1, stride[axis] - 1)
-
     dx = None
     for a in range(fh):
         row = None
         for b in range(fw):
-            term = lax.pad(cols[:, :, :, a, b, :], zero,
-                           ((0, 0, 0), (0, 0, 0), edges(1, b), (0, 0, 0)))
+            edges = _scatter_edges(x_hw, (ho, wo), stride, pads, dilation, 1, b)
+            term = lax.pad(cols[:, :, :, a, b, :], zero, ((0, 0, 0), (0, 0, 0), edges, (0, 0, 0)))
             row = term if row is None else row + term
-        term = lax.pad(row, zero, ((0, 0, 0), edges(0, a), (0, 0, 0), (0, 0, 0)))
+        edges = _scatter_edges(x_hw, (ho, wo), stride, pads, dilation, 0, a)
+        term = lax.pad(row, zero, ((0, 0, 0), edges, (0, 0, 0), (0, 0, 0)))
         dx = term if dx is None else dx + term
     return dx
+
+
+def _scatter_edges(x_hw, out_hw, stride, pads, dilation, axis, offset):
+    """``lax.pad``'s (low, high, interior) along ``axis`` that puts the values filter
+    offset ``offset`` read (one per output position) back on the input grid: low is
+    the input index output 0 read there (negative high or low crops padding)."""
+    start = offset * dilation[axis] - pads[axis][0]
+    return (start, x_hw[axis] - start - (out_hw[axis] - 1) * stride[axis] - 1, stride[axis] - 1)
 
 
 def _input_grad_banded(g, w, x_hw, stride, pads, dilation):
@@ -644,7 +647,7 @@ def _input_grad_banded(g, w, x_hw, stride, pads, dilation):
     rows along the height, which crops the cells that were padding.
     """
     fh, fw, c, k = w.shape
-    (sh, sw), (dh, dw) = stride, dilation
+    sw, dw = stride[1], dilation[1]
     n, ho, wo, _ = g.shape
     bw, nb, bin_ = _band_geometry(wo, k, fw, sw, dw)
     step = bw * sw
@@ -668,10 +671,8 @@ def _input_grad_banded(g, w, x_hw, stride, pads, dilation):
     zero = jnp.zeros((), g.dtype)
     dx = None
     for a in range(fh):
-        start = a * dh - pads[0][0]
-        term = lax.pad(cols[:, :, a], zero, ((0, 0, 0),
-                                             (start, x_hw[0] - start - (ho - 1) * sh - 1, sh - 1),
-                                             (0, 0, 0), (0, 0, 0)))
+        edges = _scatter_edges(x_hw, (ho, wo), stride, pads, dilation, 0, a)
+        term = lax.pad(cols[:, :, a], zero, ((0, 0, 0), edges, (0, 0, 0), (0, 0, 0)))
         dx = term if dx is None else dx + term
     return dx
 
