@@ -420,6 +420,44 @@ def test_max_pool_ties_match_lax_autodiff(x64, window, stride, padding):
     np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
 
 
+@pytest.mark.parametrize("window,shape", [(2, (2, 9, 8, 3)), (3, (1, 10, 9, 2)),
+                                          ((2, 3), (2, 6, 7, 2)), (12, (1, 25, 24, 1))])
+def test_tiled_max_pool_derivatives_match_lax_autodiff(x64, monkeypatch, window, shape):
+    """Windows that tile the input (stride = window, no padding) take their own tangent:
+    each window's first maximum as an offset code (int32 beyond 127 cells). Ties,
+    -inf and rows/columns left over by the last window against XLA's own rule; a
+    window holding a NaN has no maximum and passes no gradient (XLA's picks a cell)."""
+    calls = []
+    tiled = pooling_module._tiled_max_tangent
+    monkeypatch.setattr(pooling_module, "_tiled_max_tangent",
+                        lambda *a: calls.append(a[-1]) or tiled(*a))
+    x = _tied_values(11, shape)
+    x[0, 0, 0, 0] = np.nan
+    x[0, -1, -1, -1] = -np.inf
+    x[-1, 1:4, 1:4, 0] = -np.inf
+    x = jnp.asarray(x)
+    y, vjp = jax.vjp(lambda v: max_pool(v, window), x)
+    y_ref, vjp_ref = jax.vjp(lambda v: _max_pool_lax(v, window, window, 0), x)
+    np.testing.assert_array_equal(y, y_ref)
+    g = jnp.asarray(np.random.default_rng(12).standard_normal(y.shape))
+    fh, fw = _pair(window)
+    dx, dx_ref = np.asarray(vjp(g)[0]), np.array(vjp_ref(g)[0])
+    assert np.isnan(y[0, 0, 0, 0]) and not dx[0, :fh, :fw, 0].any()
+    dx_ref[0, :fh, :fw, 0] = 0
+    np.testing.assert_array_equal(dx, dx_ref)
+    t = jnp.asarray(np.random.default_rng(13).standard_normal(shape))
+    jvp = np.asarray(jax.jvp(lambda v: max_pool(v, window), (x,), (t,))[1])
+    jvp_ref = np.array(jax.jvp(lambda v: _max_pool_lax(v, window, window, 0), (x,), (t,))[1])
+    assert jvp[0, 0, 0, 0] == 0
+    jvp_ref[0, 0, 0, 0] = 0
+    # lax's forward mode sends an all -inf window nothing; its reverse mode and ours
+    # pick the first cell. Forward and reverse mode must be each other's transpose.
+    all_inf = np.isneginf(np.asarray(y))
+    np.testing.assert_array_equal(jvp[~all_inf], jvp_ref[~all_inf])
+    np.testing.assert_allclose(np.vdot(jvp, g), np.vdot(t, dx), rtol=1e-12)
+    assert calls and calls[0] == _pair(window)
+
+
 def test_max_pool_ties_match_torch(x64):
     torch = pytest.importorskip("torch")
     x = _tied_values(8, (2, 11, 10, 4))
