@@ -199,7 +199,7 @@ class Dense(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
         )
-        y = jnp.matmul(x, kernel.astype(x.dtype))
+        y = ops.dense(x, kernel.astype(x.dtype))
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(x.dtype)
