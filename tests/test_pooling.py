@@ -458,14 +458,15 @@ def test_tiled_max_pool_derivatives_match_lax_autodiff(x64, monkeypatch, window,
     assert calls and calls[0] == _pair(window)
 
 
-def test_max_pool_ties_match_torch(x64):
+@pytest.mark.parametrize("window,stride,padding", [(3, 2, 1), (2, 2, 0), (3, 3, 0)])
+def test_max_pool_ties_match_torch(x64, window, stride, padding):
     torch = pytest.importorskip("torch")
     x = _tied_values(8, (2, 11, 10, 4))
     tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    ty = torch.nn.functional.max_pool2d(tx, 3, 2, 1)
+    ty = torch.nn.functional.max_pool2d(tx, window, stride, padding)
     gy = np.random.default_rng(9).standard_normal(tuple(ty.shape))
     ty.backward(torch.tensor(gy))
-    _, vjp = jax.vjp(lambda x: max_pool(x, 3, 2, 1), jnp.asarray(x))
+    _, vjp = jax.vjp(lambda x: max_pool(x, window, stride, padding), jnp.asarray(x))
     np.testing.assert_allclose(vjp(jnp.asarray(gy.transpose(0, 2, 3, 1)))[0],
                                tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
 
