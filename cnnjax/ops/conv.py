@@ -99,6 +99,7 @@ from jax import lax
 
 from cnnjax.ops._checks import check_nhwc, compute_dtype
 from cnnjax.ops._windows import offset_windows as _offset_windows
+from cnnjax.ops.linear import dense
 from cnnjax.shapes import (
     Padding2D,
     ShapeError,
@@ -326,8 +327,9 @@ def _space_to_batch_conv(x, w, pads, dilation):
 
 
 def _dense(x, w):
-    """A full-window convolution as (N, F_h F_w C) x (F_h F_w C, K): output 1 x 1."""
-    y = jnp.dot(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[3]))
+    """A full-window convolution as (N, F_h F_w C) x (F_h F_w C, K): output 1 x 1, the
+    same product as the fully connected layer it equals (:func:`cnnjax.ops.dense`)."""
+    y = dense(x.reshape(x.shape[0], -1), w.reshape(-1, w.shape[3]))
     return y.reshape(x.shape[0], 1, 1, w.shape[3])
 
 
@@ -610,7 +612,8 @@ def _input_grad_col2im(g, w, x_hw, stride, pads, dilation):
     along the width, the F_w slices of one filter row summed, then each of the F_h
     row sums along the height. XLA fuses it all into one loop; nested so, the
     loop checks the row bounds F_h times per cell instead of F_h F_w times
-    (LeNet-5's conv2: col2im 0.65 -> 0.42 ms, train step x0.95; NOTES.md, attempt 73).
+    (LeNet-5's conv2: the fused col2im 0.70 -> 0.49 ms of the train step, the step
+    x0.95; NOTES.md, attempt 73).
     """
     fh, fw, c, k = w.shape
     n, ho, wo, _ = g.shape

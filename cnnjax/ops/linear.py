@@ -17,6 +17,8 @@ NOTES.md, attempt 77).
 The rule (``DENSE_TRANSPOSED_ROWS_BY_BACKEND``): float32, at most 64 rows, a
 kernel of at least 2^24 entries. With more rows or a smaller kernel the plain
 product was as fast or faster (128 rows: x1.08-1.18 slower transposed).
+``conv2d``'s forward pass over a full window (a fully connected layer written
+as a convolution, e.g. a fully convolutional VGG-16's fc1) is this product too.
 """
 
 from __future__ import annotations
